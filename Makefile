@@ -1,0 +1,33 @@
+# The user's doors: `make install`, `make test`, `make train`. Each installs what it needs first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The venv's bin on PATH: TorchX's local scheduler runs `torchrun` by name.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+EXTRAS ?= cpu,test,s3,gcs,azure,kubernetes
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+comma := ,
+OUTPUT ?= runs/recap-local
+
+.PHONY: install test test-cluster train lint
+
+$(STAMP): pyproject.toml packaging/fbgemm-gpu-cpu-shim/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade-strategy only-if-needed -e '.[$(EXTRAS)]'
+	$(VENV)/bin/pip check
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# Needs root: starts a real Slurm cluster on this host (see tests/cluster/).
+test-cluster: install
+	$(PY) -m pytest -q -m cluster tests/cluster
+
+train: install
+	torchx run -s local_cwd recap.train -j 1x2 --output $(OUTPUT)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,45 @@
+"""RecapBatch: one training batch, a torchrec `Pipelineable` so TrainPipelineSparseDist can prefetch it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class RecapBatch(Pipelineable):
+    continuous_features: torch.Tensor  # [B, num_continuous] float32
+    binary_features: torch.Tensor  # [B, num_binary] float32 (0/1)
+    sparse_features: KeyedJaggedTensor  # one key per sparse id feature
+    labels: torch.Tensor  # [B, num_tasks] float32
+    weights: torch.Tensor  # [B, num_tasks] float32
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> RecapBatch:
+        return RecapBatch(
+            continuous_features=self.continuous_features.to(device, non_blocking=non_blocking),
+            binary_features=self.binary_features.to(device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            weights=self.weights.to(device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for t in (self.continuous_features, self.binary_features, self.labels, self.weights):
+            t.record_stream(stream)
+        self.sparse_features.record_stream(stream)
+
+    def pin_memory(self) -> RecapBatch:
+        return RecapBatch(
+            continuous_features=self.continuous_features.pin_memory(),
+            binary_features=self.binary_features.pin_memory(),
+            sparse_features=self.sparse_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            weights=self.weights.pin_memory(),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]

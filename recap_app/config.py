@@ -1,0 +1,319 @@
+"""The one config object threaded through the trainer: pydantic schema, YAML loading, dotted overrides.
+
+Unknown keys are rejected with their full dotted path so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import enum
+from importlib import resources
+from typing import Any
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class BatchNormConfig(StrictModel):
+    affine: bool = True
+    momentum: float = Field(0.1, gt=0, le=1)
+
+
+class DropoutConfig(StrictModel):
+    rate: float = Field(gt=0, lt=1)
+
+
+class MlpConfig(StrictModel):
+    layer_sizes: list[int] = Field(min_length=1)
+    batch_norm: BatchNormConfig | None = None
+    dropout: DropoutConfig | None = None
+    final_layer_activation: bool = False
+
+
+class MaskBlockConfig(StrictModel):
+    output_size: int = Field(gt=0)
+    input_layer_norm: bool = False
+    # Exactly one of these sizes the mask's hidden layer (as in the original).
+    reduction_factor: float | None = Field(None, gt=0)
+    aggregation_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> MaskBlockConfig:
+        if (self.reduction_factor is None) == (self.aggregation_size is None):
+            raise ValueError("set exactly one of reduction_factor or aggregation_size")
+        return self
+
+
+class MaskNetConfig(StrictModel):
+    mask_blocks: list[MaskBlockConfig] = Field(min_length=1)
+    mlp: MlpConfig | None = None
+    use_parallel: bool = True
+
+
+class ArchitectureConfig(StrictModel):
+    """One of an MLP or a MaskNet: a backbone or a task tower."""
+
+    mlp: MlpConfig | None = None
+    mask_net: MaskNetConfig | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ArchitectureConfig:
+        if (self.mlp is None) == (self.mask_net is None):
+            raise ValueError("set exactly one of mlp or mask_net")
+        return self
+
+
+class AffineMapConfig(StrictModel):
+    scale: float = 1.0
+    bias: float = 0.0
+
+
+class TaskConfig(ArchitectureConfig):
+    affine_map: AffineMapConfig | None = None
+    pos_weight: float = Field(1.0, gt=0)
+    # Training data is often downsampled; calibration maps probabilities back to the true rate.
+    pos_downsampling_rate: float = Field(1.0, gt=0, le=1)
+    neg_downsampling_rate: float = Field(1.0, gt=0, le=1)
+
+
+class LayerNormConfig(StrictModel):
+    epsilon: float = Field(1e-5, ge=0)
+    elementwise_affine: bool = True
+
+
+class DoubleNormLogConfig(StrictModel):
+    batch_norm: BatchNormConfig | None = Field(default_factory=lambda: BatchNormConfig(momentum=0.01))
+    clip_magnitude: float = Field(5.0, gt=0)
+    layer_norm: LayerNormConfig | None = Field(default_factory=LayerNormConfig)
+
+
+class MultiTaskType(str, enum.Enum):
+    SHARE_ALL = "share_all"
+    SHARE_PARTIAL = "share_partial"
+    SHARE_NONE = "share_none"
+
+
+class ShardingType(str, enum.Enum):
+    DATA_PARALLEL = "data_parallel"
+    TABLE_WISE = "table_wise"
+    COLUMN_WISE = "column_wise"
+    ROW_WISE = "row_wise"
+    TABLE_ROW_WISE = "table_row_wise"
+    TABLE_COLUMN_WISE = "table_column_wise"
+
+
+class PoolingType(str, enum.Enum):
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class EmbeddingTableConfig(StrictModel):
+    name: str = Field(min_length=1)
+    num_embeddings: int = Field(gt=0)
+    embedding_dim: int = Field(gt=0)
+    feature_names: list[str] = Field(min_length=1)
+    pooling: PoolingType = PoolingType.SUM
+    # Planner constraints: the sharding types this table may take (None lets the planner choose).
+    sharding_types: list[ShardingType] | None = None
+
+
+class EmbeddingsConfig(StrictModel):
+    tables: list[EmbeddingTableConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EmbeddingsConfig:
+        names = [t.name for t in self.tables]
+        features = [f for t in self.tables for f in t.feature_names]
+        for what, values in (("table name", names), ("feature name", features)):
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"duplicate embedding {what}(s): {dup}")
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f for t in self.tables for f in t.feature_names]
+
+
+class ModelConfig(StrictModel):
+    featurization: DoubleNormLogConfig = Field(default_factory=DoubleNormLogConfig)
+    multi_task_type: MultiTaskType = MultiTaskType.SHARE_ALL
+    backbone: ArchitectureConfig | None = None
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+
+    @model_validator(mode="after")
+    def _backbone_matches_type(self) -> ModelConfig:
+        if self.multi_task_type != MultiTaskType.SHARE_NONE and self.backbone is None:
+            raise ValueError(f"multi_task_type={self.multi_task_type.value} needs a backbone")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ data
+class DataConfig(StrictModel):
+    """Where examples come from and their dense shape; sparse features come from the embedding tables."""
+
+    train_url: str = ""
+    eval_url: str = ""
+    num_continuous: int = Field(gt=0)
+    num_binary: int = Field(ge=0)
+    global_batch_size: int = Field(gt=0)
+    num_workers: int = Field(0, ge=0)
+    # Options passed to the fsspec filesystem (endpoints, anon, ...). Credentials belong in the env.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+class LearningRateConfig(StrictModel):
+    """Linear warm-up to `learning_rate`, then constant or cosine decay to `final_fraction` of it."""
+
+    learning_rate: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay: str = Field("constant", pattern="^(constant|cosine)$")
+    decay_steps: int = Field(0, ge=0)
+    final_fraction: float = Field(0.0, ge=0, le=1)
+
+
+class AdamConfig(StrictModel):
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 0.0
+
+
+class SparseOptimizerType(str, enum.Enum):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+
+
+class SparseOptimizerConfig(StrictModel):
+    """Fused into the embedding backward (torchrec); CPU supports sgd / adagrad / rowwise_adagrad."""
+
+    type: SparseOptimizerType = SparseOptimizerType.ROWWISE_ADAGRAD
+    learning_rate: float = Field(0.05, gt=0)
+    eps: float = 1e-8
+
+
+class OptimizerConfig(StrictModel):
+    dense: LearningRateConfig = Field(default_factory=lambda: LearningRateConfig(learning_rate=1e-3))
+    adam: AdamConfig = Field(default_factory=AdamConfig)
+    sparse: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
+
+
+# -------------------------------------------------------------------------------------------- training
+class TrainingConfig(StrictModel):
+    save_dir: str = "runs/recap"
+    num_train_steps: int = Field(gt=0)
+    seed: int = 0
+    log_every_n: int = Field(10, gt=0)
+    eval_every_n: int = Field(0, ge=0)
+    num_eval_steps: int = Field(20, gt=0)
+    checkpoint_every_n: int = Field(0, ge=0)
+    keep_latest_k: int = Field(3, ge=0)
+    async_checkpoint: bool = True
+    # Warm start: load the model (not optimizer, not step) from this checkpoint URL when not resuming.
+    initial_checkpoint: str | None = None
+    embedding_log_every_n: int = Field(0, ge=0)
+    # Which tables the embedding log writes (None: all).
+    embedding_log_tables: list[str] | None = None
+    use_row_wise_cpu_sharder: bool = True
+
+
+class RecapConfig(StrictModel):
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    training: TrainingConfig
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.model.tasks)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+PACKAGED_CONFIGS = ("local", "production")
+
+
+def _read_yaml(config: str) -> dict[str, Any]:
+    """A packaged config name (`local`) or any fsspec URL / path to a YAML file."""
+    if config in PACKAGED_CONFIGS:
+        text = resources.files("recap_app.configs").joinpath(f"{config}.yaml").read_text()
+    else:
+        try:
+            with fsspec.open(config, "r") as f:
+                text = f.read()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"config {config!r} not found (packaged configs: {', '.join(PACKAGED_CONFIGS)})"
+            ) from e
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {config!r} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) in place. Task names may contain dots: quote them
+    in brackets, e.g. `model.tasks[recap.engagement.is_replied].pos_weight=2`."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key.path=value")
+    key, raw = override.split("=", 1)
+    parts = _split_key(key.strip())
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {'.'.join(parts[:i])} is not a mapping")
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        raise ValueError(f"override {override!r}: {'.'.join(parts[:-1])} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _split_key(key: str) -> list[str]:
+    parts: list[str] = []
+    buf = ""
+    i = 0
+    while i < len(key):
+        c = key[i]
+        if c == "[":
+            end = key.index("]", i)
+            if buf:
+                parts.append(buf)
+                buf = ""
+            parts.append(key[i + 1 : end])
+            i = end + 1
+            if i < len(key) and key[i] == ".":
+                i += 1
+            continue
+        if c == ".":
+            parts.append(buf)
+            buf = ""
+        else:
+            buf += c
+        i += 1
+    if buf:
+        parts.append(buf)
+    if not parts or any(p == "" for p in parts):
+        raise ValueError(f"bad override key {key!r}")
+    return parts
+
+
+def load_config(config: str = "local", overrides: list[str] | tuple[str, ...] = ()) -> RecapConfig:
+    """Load a packaged or URL config, apply dotted overrides, validate; errors name the config key."""
+    data = _read_yaml(config)
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return RecapConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"invalid config {config!r}:"]
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ValueError("\n".join(lines)) from None

@@ -1,0 +1,38 @@
+"""Rank-aware logging: rank 0 speaks by default; `rank=ALL_RANKS` lets every rank speak, prefixed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch.distributed as dist
+
+ALL_RANKS = -1
+logger = logging.getLogger("recap")
+
+
+def current_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Idempotent: one stderr handler with the rank in every line."""
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s [rank {current_rank()}] %(levelname)s %(message)s", "%H:%M:%S")
+    )
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def log(msg: str, rank: int = 0, level: int = logging.INFO) -> None:
+    """Log on `rank` only (ALL_RANKS: on every rank)."""
+    if rank == ALL_RANKS or rank == current_rank():
+        setup_logging()
+        logger.log(level, msg)
