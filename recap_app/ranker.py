@@ -278,4 +278,3 @@ class RecapRanker(torch.nn.Module):
             "probabilities": torch.cat(probabilities, dim=1),
             "calibrated_probabilities": torch.cat(calibrated, dim=1),
         }
-
