@@ -92,13 +92,13 @@ class DoubleNormLogConfig(StrictModel):
     layer_norm: LayerNormConfig | None = Field(default_factory=LayerNormConfig)
 
 
-class MultiTaskType(str, enum.Enum):
+class MultiTaskType(enum.StrEnum):
     SHARE_ALL = "share_all"
     SHARE_PARTIAL = "share_partial"
     SHARE_NONE = "share_none"
 
 
-class ShardingType(str, enum.Enum):
+class ShardingType(enum.StrEnum):
     DATA_PARALLEL = "data_parallel"
     TABLE_WISE = "table_wise"
     COLUMN_WISE = "column_wise"
@@ -107,7 +107,7 @@ class ShardingType(str, enum.Enum):
     TABLE_COLUMN_WISE = "table_column_wise"
 
 
-class PoolingType(str, enum.Enum):
+class PoolingType(enum.StrEnum):
     SUM = "sum"
     MEAN = "mean"
 
@@ -186,7 +186,7 @@ class AdamConfig(StrictModel):
     weight_decay: float = 0.0
 
 
-class SparseOptimizerType(str, enum.Enum):
+class SparseOptimizerType(enum.StrEnum):
     SGD = "sgd"
     ADAGRAD = "adagrad"
     ROWWISE_ADAGRAD = "rowwise_adagrad"
