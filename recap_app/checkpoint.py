@@ -1,0 +1,222 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP) through fsspec, laid out as torchtitan does.
+
+`{root}/step-{N}/` holds one DCP checkpoint. A step counts only when its `.metadata` exists: DCP writes
+it last, on rank 0, after every rank's data is written, so a crash mid-save leaves a folder without it,
+which resume ignores and the next save's cleanup deletes. Saves are asynchronous by default: training
+waits only for the staging copy to CPU; the previous save is awaited before the next starts. Keep-latest-k
+deletion runs on a background thread on rank 0; its failures are logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+from recap_app.logs import log
+from recap_app.storage import join, url_to_fs
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+METADATA = ".metadata"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model built from the config."""
+
+
+def step_url(root: str, step: int) -> str:
+    return join(root, f"step-{step}")
+
+
+def list_steps(root: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[int], list[int]]:
+    """(complete steps, partial steps) under root, each sorted ascending."""
+    fs, path = url_to_fs(root, storage_options)
+    if not fs.exists(path):
+        return [], []
+    complete, partial = [], []
+    for entry in fs.ls(path, detail=False):
+        m = _STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if not m:
+            continue
+        step = int(m.group(1))
+        (complete if fs.exists(f"{entry.rstrip('/')}/{METADATA}") else partial).append(step)
+    return sorted(complete), sorted(partial)
+
+
+def latest_step(root: str, storage_options: Mapping[str, Any] | None = None) -> int | None:
+    complete, _ = list_steps(root, storage_options)
+    return complete[-1] if complete else None
+
+
+def _writer(url: str, storage_options: Mapping[str, Any] | None) -> FsspecWriter:
+    # FsspecWriter is also an AsyncStager whose staging copes with torchrec's ShardedTensors; DCP's
+    # default stager does not ('data_ptr' not supported for ShardedTensor).
+    return FsspecWriter(url, **dict(storage_options or {}))
+
+
+def _reader(url: str, storage_options: Mapping[str, Any] | None) -> FsspecReader:
+    return FsspecReader(url, **dict(storage_options or {}))
+
+
+class Checkpointer:
+    """Save / resume / prune `step-N` checkpoints under `root` for a state dict of stateful parts."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        keep_latest_k: int = 3,
+        async_save: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.root = root
+        self.keep_latest_k = keep_latest_k
+        self.async_save = async_save
+        self.storage_options = dict(storage_options or {})
+        # Async saves run their collectives on a CPU (gloo) group; on CUDA/NCCL jobs pass one here.
+        self.process_group = process_group
+        self._pending: Future | None = None
+        self._pending_step: int | None = None
+        self._purger: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ save
+    def save(self, step: int, state: dict[str, Any], *, final: bool = False) -> float:
+        """Save `state` as step-`step`; returns the seconds training was blocked.
+
+        Async (unless `final` or async is off): waits for the previous save, stages to CPU, returns;
+        the write goes on in the background. Final saves are synchronous so the job ends durable.
+        """
+        start = time.perf_counter()
+        self.wait()
+        if step in list_steps(self.root, self.storage_options)[0]:
+            log(f"checkpoint step-{step} already complete; not saving again")
+            return 0.0
+        url = step_url(self.root, step)
+        writer = _writer(url, self.storage_options)
+        if self.async_save and not final:
+            self._pending = dcp.async_save(state, storage_writer=writer, process_group=self.process_group)
+            self._pending_step = step
+            blocked = time.perf_counter() - start
+            log(f"checkpoint step-{step}: async save started to {url} (blocked {blocked:.2f}s)")
+        else:
+            dcp.save(state, storage_writer=writer, process_group=self.process_group)
+            blocked = time.perf_counter() - start
+            log(f"checkpoint step-{step}: saved to {url} in {blocked:.2f}s")
+            self._after_save()
+        return blocked
+
+    def wait(self) -> None:
+        """Block until the in-flight async save (if any) is durable; re-raise its error naming the URL."""
+        if self._pending is None:
+            return
+        pending, step = self._pending, self._pending_step
+        self._pending, self._pending_step = None, None
+        start = time.perf_counter()
+        try:
+            pending.result()
+        except Exception as e:
+            raise RuntimeError(f"checkpoint save to {step_url(self.root, step)} failed: {e}") from e
+        log(f"checkpoint step-{step}: durable (waited {time.perf_counter() - start:.2f}s)")
+        self._after_save()
+
+    def _after_save(self) -> None:
+        if _rank() == 0:
+            self._purge_in_background()
+
+    # ----------------------------------------------------------------------------------------- prune
+    def _purge_in_background(self) -> None:
+        if self._purger is not None and self._purger.is_alive():
+            return  # the running purge will see the newest state next time
+        self._purger = threading.Thread(target=self._purge, name="checkpoint-purge", daemon=True)
+        self._purger.start()
+
+    def _purge(self) -> None:
+        """Delete partial step folders older than the newest complete one, and complete ones past k."""
+        try:
+            complete, partial = list_steps(self.root, self.storage_options)
+            doomed = [s for s in partial if complete and s < complete[-1]]
+            if self.keep_latest_k > 0:
+                doomed += complete[: -self.keep_latest_k]
+            fs, _ = url_to_fs(self.root, self.storage_options)
+            for step in sorted(doomed):
+                _, path = url_to_fs(step_url(self.root, step), self.storage_options)
+                fs.rm(path, recursive=True)
+                log(f"checkpoint step-{step}: deleted (keep_latest_k={self.keep_latest_k})")
+        except Exception as e:  # never fatal: a leftover folder costs space, not correctness
+            log(f"checkpoint cleanup under {self.root} failed: {e!r}", level=30)
+
+    def join_purger(self, timeout: float = 60.0) -> None:
+        if self._purger is not None:
+            self._purger.join(timeout)
+
+    # ------------------------------------------------------------------------------------------ load
+    def latest_step(self) -> int | None:
+        return latest_step(self.root, self.storage_options)
+
+    def load(self, step: int, state: dict[str, Any]) -> None:
+        """Load step-`step` into `state` in place (optimizer state must be initialised first)."""
+        load_checkpoint(step_url(self.root, step), state, self.storage_options, self.process_group)
+
+    def close(self) -> None:
+        self.wait()
+        self.join_purger()
+
+
+def load_checkpoint(
+    url: str,
+    state: dict[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    *,
+    no_dist: bool = False,
+) -> None:
+    """DCP-load `url` into `state` in place; a checkpoint that does not fit names the mismatched keys."""
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(f"{path.rstrip('/')}/{METADATA}"):
+        raise FileNotFoundError(f"no complete checkpoint at {url} (missing {METADATA})")
+    reader = _reader(url, storage_options)
+    try:
+        dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
+    except Exception as e:
+        raise CheckpointMismatchError(describe_mismatch(url, state, storage_options, e)) from e
+
+
+def describe_mismatch(
+    url: str, state: Mapping[str, Any], storage_options: Mapping[str, Any] | None, error: Exception
+) -> str:
+    """Compare the checkpoint's metadata with the state's flattened keys and shapes."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    try:
+        md = _reader(url, storage_options).read_metadata()
+    except Exception:
+        return f"loading checkpoint {url} failed: {error}"
+    flat, _ = flatten_state_dict(dict(state))
+    saved = md.state_dict_metadata
+    missing = sorted(k for k in flat if k not in saved)
+    unexpected = sorted(k for k in saved if k not in flat)
+    shapes = []
+    for k, v in flat.items():
+        size = getattr(saved.get(k), "size", None)
+        if size is not None and hasattr(v, "size") and tuple(size) != tuple(v.size()):
+            shapes.append(f"{k}: checkpoint {tuple(size)} vs model {tuple(v.size())}")
+    parts = [f"checkpoint {url} does not match the model config ({type(error).__name__}: {error})"]
+    if missing:
+        parts.append(f"  missing in checkpoint: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        parts.append(f"  not in model: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+    if shapes:
+        parts.append("  shape mismatches: " + "; ".join(shapes[:20]))
+    return "\n".join(parts)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0

@@ -1,0 +1,67 @@
+"""`recap evaluate` / `torchx run recap.evaluate`: score a checkpoint on data, write eval_metrics.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+import torch.distributed as dist
+
+from recap_app.checkpoint import latest_step, load_checkpoint, step_url
+from recap_app.config import load_config
+from recap_app.logs import log, setup_logging
+from recap_app.storage import join, url_to_fs
+from recap_app.train import _eval_batches, _format_eval, build, evaluate, setup_distributed
+
+
+def resolve_checkpoint(url: str, storage_options: dict) -> str:
+    """A step folder as given, or the newest complete step under a run or checkpoints URL."""
+    fs, path = url_to_fs(join(url, ".metadata"), storage_options)
+    if fs.exists(path):
+        return url
+    for root in (join(url, "checkpoints"), url):
+        step = latest_step(root, storage_options)
+        if step is not None:
+            return step_url(root, step)
+    raise FileNotFoundError(f"no complete checkpoint at or under {url}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="recap evaluate", description=__doc__)
+    parser.add_argument("--config", default="local")
+    parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints dir or run URL")
+    parser.add_argument("--data", required=True, help="Parquet URL, directory or glob")
+    parser.add_argument("--output", required=True, help="URL for eval_metrics.json")
+    parser.add_argument("--num-batches", type=int, default=0, help="batches per rank (0: config's)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    runtime = setup_distributed()
+    try:
+        opts = config.data.storage_options
+        ckpt_url = resolve_checkpoint(args.checkpoint, opts)
+        state = build(config, runtime)
+        ckpt = {"model": state.model.state_dict()}
+        load_checkpoint(ckpt_url, ckpt, opts, runtime.cpu_group)
+        state.model.load_state_dict(ckpt["model"])
+        num_batches = args.num_batches or config.training.num_eval_steps
+        metrics = evaluate(
+            state.model, _eval_batches(args.data, config, runtime), num_batches, config, runtime
+        )
+        log(f"{ckpt_url}: {_format_eval(metrics, config)}")
+        if runtime.rank == 0:
+            out = join(args.output, "eval_metrics.json")
+            fs, path = url_to_fs(out, opts)
+            fs.makedirs(fs._parent(path), exist_ok=True)
+            with fs.open(path, "w") as f:
+                json.dump({"checkpoint": ckpt_url, "data": args.data, **metrics}, f, indent=2, sort_keys=True)
+            log(f"wrote {out}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,449 @@
+"""The training main: setup -> build -> shard -> optimizers -> pipeline -> loop (log, eval, save) -> done.
+
+Run under torchrun (`torchx run recap.train`) or as a single process (`recap train`); either way a
+process group is set up (gloo on CPU, nccl on GPU) so the same sharded code path and checkpoints are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from recap_app import data
+from recap_app.checkpoint import Checkpointer, load_checkpoint
+from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
+from recap_app.logs import ALL_RANKS, log, setup_logging
+from recap_app.loss import build_multi_task_loss
+from recap_app.metrics import MetricsWriter, task_metrics
+from recap_app.model import ModelAndLoss, embedding_weights, log_sharded_tensor_content, maybe_shard_model
+from recap_app.ranker import RecapRanker
+from recap_app.storage import join, redact, url_to_fs
+
+_SPARSE_OPTIMIZERS: dict[SparseOptimizerType, type[torch.optim.Optimizer]] = {
+    SparseOptimizerType.SGD: torch.optim.SGD,
+    SparseOptimizerType.ADAGRAD: torch.optim.Adagrad,
+    SparseOptimizerType.ROWWISE_ADAGRAD: RowWiseAdagrad,
+}
+
+
+# ------------------------------------------------------------------------------------------------ setup
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    # Checkpoint collectives need a CPU group: the default one on gloo, a separate one beside nccl.
+    cpu_group: dist.ProcessGroup | None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> Runtime:
+    """Join the torchrun job from its environment, or form a one-process group when run directly."""
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
+        )
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), cpu_group)
+
+
+# ------------------------------------------------------------------------------------------------ build
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: CombinedOptimizer
+    dense_optimizer: KeyedOptimizerWrapper
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train": {"step": step},
+        }
+
+
+def build(config: RecapConfig, runtime: Runtime) -> TrainState:
+    """Ranker -> fused sparse optimizer -> ModelAndLoss -> DMP -> dense Adam -> combined optimizer."""
+    torch.manual_seed(config.training.seed)
+    ranker = RecapRanker(
+        config.model,
+        config.data.num_continuous,
+        config.data.num_binary,
+        # Tables are allocated by DistributedModelParallel, shard by shard, not here.
+        embedding_device=torch.device("meta"),
+    )
+    if ranker.embedding_bag_collection is not None:
+        sparse = config.optimizer.sparse
+        kwargs: dict[str, Any] = {"lr": sparse.learning_rate}
+        if sparse.type != SparseOptimizerType.SGD:
+            kwargs["eps"] = sparse.eps
+        apply_optimizer_in_backward(
+            _SPARSE_OPTIMIZERS[sparse.type], ranker.embedding_bag_collection.parameters(), kwargs
+        )
+    tasks = config.model.tasks
+    model = ModelAndLoss(ranker, build_multi_task_loss(list(tasks), [t.pos_weight for t in tasks.values()]))
+    constraints = {
+        t.name: [s.value for s in t.sharding_types]
+        for t in config.model.embeddings.tables
+        if t.sharding_types
+    }
+    model = maybe_shard_model(
+        model,
+        runtime.device,
+        sharding_constraints=constraints,
+        use_row_wise_cpu_sharder=config.training.use_row_wise_cpu_sharder,
+        batch_size=per_rank_batch_size(config, runtime.world_size),
+    )
+    adam = config.optimizer.adam
+    # Data-parallel tables lose their in-backward optimizer when sharded: the dense optimizer takes them.
+    dense_optimizer = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(model.named_parameters())),
+        lambda params: torch.optim.Adam(
+            params,
+            lr=config.optimizer.dense.learning_rate,
+            betas=(adam.beta_1, adam.beta_2),
+            eps=adam.epsilon,
+            weight_decay=adam.weight_decay,
+        ),
+    )
+    optimizer = CombinedOptimizer([model.fused_optimizer, dense_optimizer])
+    return TrainState(model, optimizer, dense_optimizer)
+
+
+def per_rank_batch_size(config: RecapConfig, world_size: int) -> int:
+    if config.data.global_batch_size % world_size:
+        raise ValueError(
+            f"data.global_batch_size={config.data.global_batch_size} must be divisible by the "
+            f"world size {world_size}"
+        )
+    return config.data.global_batch_size // world_size
+
+
+def learning_rate(step: int, cfg: LearningRateConfig) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine decay to final_fraction over decay_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "cosine" and cfg.decay_steps:
+        progress = min(1.0, (step - cfg.warmup_steps) / cfg.decay_steps)
+        scale = cfg.final_fraction + (1 - cfg.final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.learning_rate * scale
+    return cfg.learning_rate
+
+
+def _set_learning_rate(optimizer: KeyedOptimizerWrapper, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------------- data
+def resolve_data_urls(config: RecapConfig, runtime: Runtime) -> tuple[str, str]:
+    """The configured train/eval URLs, or synthetic Parquet generated once under {save_dir}/data."""
+    train_url, eval_url = config.data.train_url, config.data.eval_url
+    if train_url and eval_url:
+        return train_url, eval_url
+    root = join(config.training.save_dir, "data")
+    if runtime.rank == 0:
+        ensure_synthetic_data(root, config)
+    dist.barrier()
+    return train_url or join(root, "train"), eval_url or join(root, "eval")
+
+
+SYNTHETIC_TRAIN_EXAMPLES = 65_536
+SYNTHETIC_EVAL_EXAMPLES = 16_384
+
+
+def ensure_synthetic_data(root: str, config: RecapConfig) -> None:
+    """Generate the embedded default dataset once; `_SUCCESS` marks it complete."""
+    marker = join(root, "_SUCCESS")
+    fs, marker_path = url_to_fs(marker, config.data.storage_options)
+    if fs.exists(marker_path):
+        return
+    log(f"no data.train_url / data.eval_url given: generating synthetic Parquet under {root}")
+    opts = config.data.storage_options
+    data.write_synthetic_dataset(
+        join(root, "train"), config, SYNTHETIC_TRAIN_EXAMPLES, seed=config.training.seed, storage_options=opts
+    )
+    data.write_synthetic_dataset(
+        join(root, "eval"),
+        config,
+        SYNTHETIC_EVAL_EXAMPLES,
+        seed=config.training.seed + 1,
+        storage_options=opts,
+    )
+    with fs.open(marker_path, "w") as f:
+        f.write("ok\n")
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterator[Any],
+    num_batches: int,
+    config: RecapConfig,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """Score num_batches batches per rank; gather to every rank; per-task AUROC, RCE and loss."""
+    was_training = model.training
+    model.eval()
+    probs, labels, weights, losses = [], [], [], []
+    with torch.no_grad():
+        for _ in range(num_batches):
+            batch = next(batches).to(runtime.device)
+            loss, out = model(batch)
+            probs.append(out["probabilities"].float())
+            labels.append(out["labels"].float())
+            weights.append(out["weights"].float())
+            losses.append(loss.detach().float())
+    model.train(was_training)
+    local = torch.cat([torch.cat(probs), torch.cat(labels), torch.cat(weights)], dim=1).to(runtime.device)
+    gathered = [torch.empty_like(local) for _ in range(runtime.world_size)]
+    dist.all_gather(gathered, local)
+    every = torch.cat(gathered).cpu()
+    t = len(config.task_names)
+    metrics = task_metrics(every[:, :t], every[:, t : 2 * t], every[:, 2 * t :], config.task_names)
+    mean_loss = torch.stack(losses).mean().to(runtime.device)
+    dist.all_reduce(mean_loss)
+    metrics["loss"] = float(mean_loss) / runtime.world_size
+    metrics["examples"] = int(every.shape[0])
+    return metrics
+
+
+def _eval_batches(url: str, config: RecapConfig, runtime: Runtime) -> Iterator[Any]:
+    loader = data.make_dataloader(
+        url,
+        config,
+        per_rank_batch_size(config, runtime.world_size),
+        runtime.rank,
+        runtime.world_size,
+        num_workers=0,
+        repeat=True,
+        storage_options=config.data.storage_options,
+    )
+    return iter(loader)
+
+
+def _format_eval(metrics: dict[str, float], config: RecapConfig) -> str:
+    main = config.task_names[0]
+    parts = [f"eval loss {metrics['loss']:.4f} on {metrics['examples']} examples"]
+    parts += [
+        f"{name.rsplit('.', 1)[-1]}: auroc {metrics[f'auroc/{name}']:.4f} rce {metrics[f'rce/{name}']:.2f}"
+        for name in config.task_names
+    ]
+    return f"[{main} is the main task] " + " | ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+def log_embeddings(model: torch.nn.Module, config: RecapConfig, step: int) -> str:
+    """Gather and write every (or every configured) table to {save_dir}/embeddings/step-N/."""
+    url = join(config.training.save_dir, "embeddings", f"step-{step}")
+    wanted = config.training.embedding_log_tables
+    for weight_name, table, tensor in embedding_weights(model):
+        if wanted is None or table in wanted:
+            log_sharded_tensor_content(
+                weight_name, table, tensor, output_url=url, storage_options=config.data.storage_options
+            )
+    return url
+
+
+# ------------------------------------------------------------------------------------------------ train
+class Progress:
+    """Throughput and ETA on rank 0: examples/s per worker and global since the last report."""
+
+    def __init__(self, total_steps: int, start_step: int, per_rank_batch: int, world_size: int) -> None:
+        self.total, self.per_rank_batch, self.world = total_steps, per_rank_batch, world_size
+        self.start_step = start_step
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_step = start_step
+
+    def report(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = step - self.last_step
+        per_worker = steps * self.per_rank_batch / max(now - self.last_t, 1e-9)
+        done = step - self.start_step
+        eta = (now - self.t0) / max(done, 1) * (self.total - step)
+        self.last_t, self.last_step = now, step
+        return {
+            "examples_per_s_per_worker": per_worker,
+            "examples_per_s": per_worker * self.world,
+            "eta_s": eta,
+            "elapsed_s": now - self.t0,
+        }
+
+
+def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
+    """Train to training.num_train_steps, resuming from the newest complete checkpoint in save_dir."""
+    tc = config.training
+    save_dir = tc.save_dir
+    log(f"config: {json.dumps(redact(config.model_dump(mode='json')), sort_keys=True)}")
+    train_url, eval_url = resolve_data_urls(config, runtime)
+    state = build(config, runtime)
+    model, optimizer = state.model, state.optimizer
+    checkpointer = Checkpointer(
+        join(save_dir, "checkpoints"),
+        keep_latest_k=tc.keep_latest_k,
+        async_save=tc.async_checkpoint,
+        storage_options=config.data.storage_options,
+        process_group=runtime.cpu_group,
+    )
+    step = 0
+    resume = checkpointer.latest_step()
+    if resume is not None:
+        optimizer.init_state()  # optimizer state is lazy; DCP loads in place
+        ckpt = state.state_dict(0)
+        checkpointer.load(resume, ckpt)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["train"]["step"])
+        log(f"resumed from {join(checkpointer.root, f'step-{resume}')} at step {step}")
+    elif tc.initial_checkpoint:
+        ckpt = {"model": model.state_dict()}
+        load_checkpoint(tc.initial_checkpoint, ckpt, config.data.storage_options, runtime.cpu_group)
+        model.load_state_dict(ckpt["model"])
+        log(f"warm start: model weights from {tc.initial_checkpoint} (optimizer and step fresh)")
+
+    per_rank = per_rank_batch_size(config, runtime.world_size)
+    writer = (
+        MetricsWriter(save_dir, config.data.storage_options, resume_step=step) if runtime.rank == 0 else None
+    )
+    if step >= tc.num_train_steps:
+        log(f"nothing to do: step {step} >= training.num_train_steps={tc.num_train_steps}")
+        checkpointer.close()
+        return {"step": step, "save_dir": save_dir}
+
+    # Skip what earlier runs trained on so a resumed run continues the same data stream.
+    loader = data.make_dataloader(
+        train_url,
+        config,
+        per_rank,
+        runtime.rank,
+        runtime.world_size,
+        num_workers=config.data.num_workers,
+        repeat=True,
+        shuffle_seed=tc.seed,
+        skip_batches=step,
+        storage_options=config.data.storage_options,
+    )
+    batches = iter(loader)
+    pipeline = TrainPipelineSparseDist(model, optimizer, runtime.device, execute_all_batches=True)
+    progress = Progress(tc.num_train_steps, step, per_rank, runtime.world_size)
+    log(
+        f"training steps {step}..{tc.num_train_steps} on {runtime.world_size} rank(s), "
+        f"batch {per_rank}/rank ({config.data.global_batch_size} global), data {train_url}, output {save_dir}"
+    )
+    loss_sums: dict[str, torch.Tensor] = {}
+    steps_in_window = 0
+    last_eval: dict[str, float] = {}
+    model.train()
+    while step < tc.num_train_steps:
+        lr = learning_rate(step, config.optimizer.dense)
+        _set_learning_rate(state.dense_optimizer, lr)
+        outputs = pipeline.progress(batches)
+        step += 1
+        steps_in_window += 1
+        for k, v in outputs.items():
+            if k == "loss" or k.startswith("loss/"):
+                loss_sums[k] = loss_sums.get(k, 0) + v.detach().float()
+        last = step == tc.num_train_steps
+
+        if step % tc.log_every_n == 0 or last:
+            names = sorted(loss_sums)
+            means = torch.stack([loss_sums[k] for k in names]).to(runtime.device) / steps_in_window
+            dist.all_reduce(means)
+            means = (means / runtime.world_size).tolist()
+            record: dict[str, Any] = {"step": step, "lr": lr, **dict(zip(names, means, strict=True))}
+            record.update(progress.report(step))
+            loss_sums, steps_in_window = {}, 0
+            log(
+                f"step {step}/{tc.num_train_steps} ({100 * step / tc.num_train_steps:.0f}%) "
+                f"loss {record['loss']:.4f} lr {lr:.2e} | {record['examples_per_s']:.0f} ex/s global, "
+                f"{record['examples_per_s_per_worker']:.0f} ex/s/worker | eta {record['eta_s']:.0f}s"
+            )
+            if writer:
+                writer.write(record)
+
+        if (tc.eval_every_n and step % tc.eval_every_n == 0) or last:
+            pipeline.detach()  # the model is called directly below; progress() re-attaches it
+            last_eval = evaluate(
+                model, _eval_batches(eval_url, config, runtime), tc.num_eval_steps, config, runtime
+            )
+            log(f"step {step}: {_format_eval(last_eval, config)}")
+            if writer:
+                writer.write({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+
+        if (tc.checkpoint_every_n and step % tc.checkpoint_every_n == 0) or last:
+            checkpointer.save(step, state.state_dict(step), final=last)
+        if (tc.embedding_log_every_n and step % tc.embedding_log_every_n == 0) or last:
+            log(f"embedding tables written to {log_embeddings(model, config, step)}")
+
+    checkpointer.close()
+    if writer:
+        writer.close()
+    summary = {"step": step, "save_dir": save_dir, "eval": last_eval}
+    log(f"done: {json.dumps(summary, sort_keys=True)}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="recap train", description="Train the Recap heavy ranker (run under torchrun for >1 rank)."
+    )
+    parser.add_argument("--config", default="local", help="packaged config name or YAML URL")
+    parser.add_argument("--output", default=None, help="run URL (overrides training.save_dir)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.num_train_steps=20")
+    return parser.parse_args(argv)
+
+
+def load_run_config(args: argparse.Namespace) -> RecapConfig:
+    config = load_config(args.config, args.overrides)
+    if args.output:
+        config.training.save_dir = args.output
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    config = load_run_config(args)
+    runtime = setup_distributed()
+    log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device}", rank=ALL_RANKS)
+    try:
+        train(config, runtime)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,428 @@
+"""Real object-store emulators as separate server processes, for tests.
+
+Each server runs on 127.0.0.1 with a free port, in its own process group, with its log in a temp dir:
+
+- S3:    ``moto_server`` (moto[server]); dummy AWS keys; bucket ``recap-test``.
+- GCS:   ``gcp-storage-emulator``; bucket ``recap-test``; reached through ``STORAGE_EMULATOR_HOST``.
+- Azure: ``azurite-blob`` (npm ``azurite@3.35.0``, installed on first use into ~/.cache/recap-azurite,
+         outside the repo); container ``recap-test``; reached through ``AZURE_STORAGE_CONNECTION_STRING``.
+
+Use them as context managers (``with moto_server() as s3: ...``) or through the pytest fixtures in
+``tests/conftest.py``. A started server gives:
+
+- ``base_url``          e.g. ``s3://recap-test/`` (``gs://``, ``az://``)
+- ``env``               the variables a child process (or in-process fsspec) needs to reach it
+- ``storage_options``   explicit fsspec options equivalent to ``env`` (not needed when ``env`` is set)
+- ``endpoint``          the server's http://127.0.0.1:PORT
+- ``stop()`` / ``start()``  kill the server process group / start it again ON THE SAME PORT, so
+                        ``env`` and URLs handed out earlier stay valid (a fault-injection test can
+                        stop the store in the middle of a save, then bring it back).
+- ``pause()`` / ``resume()``  SIGSTOP / SIGCONT: the port stays open but nothing answers (a hung
+                        store rather than a refused connection); clients then wait for their timeouts.
+- ``persistent``        whether objects survive ``stop()``/``start()``: GCS and Azure keep their data
+                        on disk in a temp dir; S3 (moto) replays its request recording on restart.
+- ``log_tail()``        the last lines of the server's log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+HOST = "127.0.0.1"
+BUCKET = "recap-test"
+AZURITE_VERSION = "3.35.0"
+AZURITE_DIR = Path(os.environ.get("RECAP_AZURITE_DIR", Path.home() / ".cache" / "recap-azurite"))
+# The well-known Azurite development account (public, documented by Microsoft; not a secret).
+AZURE_ACCOUNT = "devstoreaccount1"
+AZURE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+_BIN = Path(sys.executable).parent
+_LIVE: set[StorageServer] = set()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout=5.0):
+    """(status, body) of one HTTP request; HTTP errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class StorageServer:
+    """One emulator process. Subclasses say how to run it, when it is ready, and what to create."""
+
+    name = "?"
+    scheme = "?"
+    persistent = False
+    start_timeout = 30.0
+
+    def __init__(self, bucket: str = BUCKET):
+        self.bucket = bucket
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"recap-{self.name}-"))
+        self.log_path = self.workdir / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    # --- what subclasses define -------------------------------------------------------------------
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def child_env(self) -> dict[str, str]:
+        """Environment of the server process itself."""
+        return dict(os.environ)
+
+    def is_ready(self) -> bool:
+        raise NotImplementedError
+
+    def after_start(self, first: bool) -> None:
+        """Create the bucket/container (idempotent)."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    @property
+    def storage_options(self) -> dict:
+        return {}
+
+    # --- common -----------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.bucket}/"
+
+    def url(self, *parts: str) -> str:
+        return self.base_url + "/".join(p.strip("/") for p in parts)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> StorageServer:
+        """Start the server (on the same port as before, if it ran before) and wait until it answers."""
+        if self.running:
+            return self
+        first = self.proc is None
+        # The port was free when chosen; after a stop() something else could in principle take it.
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.child_env(),
+                cwd=self.workdir,
+                start_new_session=True,  # own process group: stop() kills every child with it
+            )
+        _LIVE.add(self)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"{self.name} server exited with {self.proc.returncode} during start;"
+                    f" log tail:\n{self.log_tail()}"
+                )
+            try:
+                if self.is_ready():
+                    break
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"{self.name} server not ready on port {self.port} after {self.start_timeout:.0f} s;"
+                    f" log tail:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        self.after_start(first)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Kill the server's process group (SIGTERM, then SIGKILL) and reap it."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGCONT, 0), (signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            if not wait:
+                continue
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Whatever else is left in the group (a grandchild that ignored SIGTERM).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def pause(self) -> None:
+        """Freeze the server: connections are accepted by the kernel but never answered."""
+        if self.running:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        """Stop for good and delete the work dir (data and log)."""
+        self.stop()
+        _LIVE.discard(self)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> StorageServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.base_url} at {self.endpoint} {state}>"
+
+
+class MotoS3Server(StorageServer):
+    """moto_server. moto keeps state in memory only; with ``persistent`` (default) it records every
+    request to a file and replays the recording after a restart, so objects survive stop()/start()."""
+
+    name = "s3"
+    scheme = "s3"
+    persistent = True
+
+    def command(self):
+        return [str(_BIN / "moto_server"), "-H", HOST, "-p", str(self.port)]
+
+    def child_env(self):
+        env = dict(os.environ)
+        env.update(MOTO_ENABLE_RECORDING="True", MOTO_RECORDER_FILEPATH=str(self.workdir / "recording.jsonl"))
+        return env
+
+    def is_ready(self):
+        status, _ = _http("GET", f"{self.endpoint}/moto-api/data.json", timeout=2)
+        return status == 200
+
+    def after_start(self, first):
+        if not first and (self.workdir / "recording.jsonl").exists():
+            status, body = _http("POST", f"{self.endpoint}/moto-api/recorder/replay-recording", timeout=60)
+            if status != 200:
+                raise ServerError(f"moto replay failed ({status}): {body[:500]!r}\n{self.log_tail()}")
+        status, body = _http("PUT", f"{self.endpoint}/{self.bucket}")  # CreateBucket, path-style
+        if status != 200:
+            raise ServerError(f"create bucket {self.bucket}: {status} {body[:500]!r}")
+
+    @property
+    def env(self):
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,  # botocore reads it (s3fs without options)
+            "FSSPEC_S3_ENDPOINT_URL": self.endpoint,  # fsspec config, read when fsspec is imported
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    @property
+    def storage_options(self):
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+
+
+class GcsEmulatorServer(StorageServer):
+    """gcp-storage-emulator, storing on disk under its work dir (so data survives a restart)."""
+
+    name = "gcs"
+    scheme = "gs"
+    persistent = True
+
+    def command(self):
+        return [str(_BIN / "gcp-storage-emulator"), "start", "--host", HOST, "--port", str(self.port), "-q"]
+
+    def child_env(self):
+        env = dict(os.environ)
+        env["STORAGE_BASE"] = str(self.workdir)
+        return env
+
+    def is_ready(self):
+        status, _ = _http("GET", f"{self.endpoint}/storage/v1/b?project=test", timeout=2)
+        return status == 200
+
+    def after_start(self, first):
+        body = json.dumps({"name": self.bucket}).encode()
+        status, out = _http(
+            "POST",
+            f"{self.endpoint}/storage/v1/b?project=test",
+            body,
+            {"Content-Type": "application/json"},
+        )
+        if status not in (200, 409):
+            raise ServerError(f"create bucket {self.bucket}: {status} {out[:500]!r}")
+
+    @property
+    def env(self):
+        return {
+            "STORAGE_EMULATOR_HOST": self.endpoint,
+            # gcsfs probes for hierarchical namespaces on every open, 60 s each against the emulator.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            # No credentials: skip the GCE metadata-server probe in gcsfs's credential search.
+            "NO_GCE_CHECK": "true",
+        }
+
+    @property
+    def storage_options(self):
+        return {"endpoint_url": self.endpoint, "token": "anon"}
+
+
+def ensure_azurite(version: str = AZURITE_VERSION) -> Path:
+    """Path of azurite-blob, installing azurite into AZURITE_DIR with npm when it is missing."""
+    exe = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
+    pkg = AZURITE_DIR / "node_modules" / "azurite" / "package.json"
+    if exe.exists() and pkg.exists() and json.loads(pkg.read_text()).get("version") == version:
+        return exe
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ServerError("npm not found: cannot install azurite")
+    AZURITE_DIR.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", f"azurite@{version}"],
+        cwd=AZURITE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if res.returncode != 0 or not exe.exists():
+        raise ServerError(
+            f"npm install azurite@{version} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        )
+    return exe
+
+
+class AzuriteServer(StorageServer):
+    """azurite-blob. Stores under its work dir (``--location``) rather than ``--inMemoryPersistence``
+    so that blobs survive stop()/start(); pass ``in_memory=True`` for the in-memory store."""
+
+    name = "azure"
+    scheme = "az"
+
+    def __init__(self, bucket: str = BUCKET, in_memory: bool = False):
+        super().__init__(bucket)
+        self.in_memory = in_memory
+        self.persistent = not in_memory
+        self.exe = ensure_azurite()
+
+    def command(self):
+        cmd = [
+            str(self.exe),
+            "--blobHost",
+            HOST,
+            "--blobPort",
+            str(self.port),
+            "--skipApiVersionCheck",
+            "--loose",
+            "--disableTelemetry",
+        ]
+        if self.in_memory:
+            cmd.append("--inMemoryPersistence")
+        else:
+            cmd += ["--location", str(self.workdir / "data")]
+        return cmd
+
+    def is_ready(self):
+        with socket.create_connection((HOST, self.port), timeout=1):
+            pass
+        status, _ = _http("GET", f"{self.endpoint}/{AZURE_ACCOUNT}?comp=list", timeout=2)
+        return status > 0  # any HTTP answer (403 without auth) means it serves
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURE_ACCOUNT};AccountKey={AZURE_KEY};"
+            f"BlobEndpoint={self.endpoint}/{AZURE_ACCOUNT};"
+        )
+
+    def after_start(self, first):
+        from azure.core.exceptions import ResourceExistsError
+        from azure.storage.blob import BlobServiceClient
+
+        with BlobServiceClient.from_connection_string(self.connection_string) as client:
+            with contextlib.suppress(ResourceExistsError):
+                client.create_container(self.bucket)
+
+    @property
+    def env(self):
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string}
+
+    @property
+    def storage_options(self):
+        return {"connection_string": self.connection_string}
+
+
+@contextlib.contextmanager
+def moto_server(bucket: str = BUCKET) -> Iterator[MotoS3Server]:
+    with MotoS3Server(bucket) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def gcs_server(bucket: str = BUCKET) -> Iterator[GcsEmulatorServer]:
+    with GcsEmulatorServer(bucket) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def azurite_server(bucket: str = BUCKET, in_memory: bool = False) -> Iterator[AzuriteServer]:
+    with AzuriteServer(bucket, in_memory=in_memory) as server:
+        yield server
+
+
+SERVERS = {"s3": MotoS3Server, "gcs": GcsEmulatorServer, "azure": AzuriteServer}
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A crashed or interrupted test run still takes its servers down."""
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.close()

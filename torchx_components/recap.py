@@ -1,0 +1,225 @@
+"""TorchX components for recap: `torchx run recap.train`, `recap.generate_data`, `recap.evaluate`.
+
+Each is a typed function returning an AppDef; its docstring is the `--help`. The same command runs on
+`-s local_cwd`, `-s slurm` and `-s kubernetes`: only the scheduler and its run options change.
+"""
+
+import os
+import shlex
+import sys
+from typing import Dict, List, Optional
+
+import torchx
+from torchx import specs
+from torchx.components.dist import _TORCH_DEBUG_FLAGS, parse_nnodes
+from torchx.specs import macros
+
+
+def _python() -> str:
+    """Shell text for the interpreter: this one where it exists (local, Slurm on a shared filesystem),
+    else `python3` from the image's PATH (containers). Never relies on `torchrun` being on PATH."""
+    here = shlex.quote(sys.executable)
+    return f'PY={here}; [ -x "$PY" ] || PY=python3; exec "$PY"'
+
+
+def _local_url(url: str) -> str:
+    """Make a local output path absolute at submit time so the job writes where the user meant."""
+    return url if "://" in url or not url else os.path.abspath(url)
+
+
+def _torchrun_role(
+    name: str,
+    module: str,
+    module_args: List[str],
+    *,
+    j: str,
+    image: str,
+    cpu: int,
+    gpu: int,
+    memMB: int,
+    h: Optional[str],
+    env: Optional[Dict[str, str]],
+    max_retries: int,
+    rdzv_port: int,
+    mounts: Optional[List[str]],
+    debug: bool,
+) -> specs.Role:
+    """One role of N replicas, each running torchrun with P processes: torchx's dist.ddp recipe."""
+    min_nnodes, max_nnodes, nproc_per_node, nnodes_rep = parse_nnodes(j)
+    if max_nnodes == 1:
+        rdzv_endpoint = "localhost:0"  # one node: torchrun picks a free port
+    else:
+        # The scheduler sets the rank-0 host variable (TORCHX_RANK0_HOST, SLURM_..., VC_..._HOSTS).
+        rdzv_endpoint = f"$${{{macros.rank0_env}:=localhost}}:{rdzv_port}"
+    role_env = dict(env or {})
+    role_env.setdefault("LOGLEVEL", os.getenv("LOGLEVEL", "WARNING"))
+    role_env.setdefault("PYTHONUNBUFFERED", "1")
+    if debug:
+        role_env.update(_TORCH_DEBUG_FLAGS)
+    torchrun = [
+        "-m", "torch.distributed.run",
+        "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", rdzv_endpoint,
+        "--rdzv_id", macros.app_id,
+        "--nnodes", nnodes_rep,
+        "--nproc_per_node", str(nproc_per_node),
+        "--max_restarts", str(max_retries),
+        "--tee", "3",
+        "-m", module,
+    ]  # fmt: skip
+    # rdzv_endpoint holds a shell expansion: quote everything else only.
+    words = [w if w is rdzv_endpoint else shlex.quote(w) for w in torchrun + module_args]
+    return specs.Role(
+        name=name,
+        image=image,
+        min_replicas=min_nnodes,
+        num_replicas=int(max_nnodes),
+        entrypoint="bash",
+        args=["-c", f"{_python()} {' '.join(words)}"],
+        env=role_env,
+        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
+        port_map={"c10d": rdzv_port},
+        max_retries=max_retries,
+        mounts=specs.parse_mounts(mounts) if mounts else [],
+    )
+
+
+def train(
+    *overrides: str,
+    config: str = "local",
+    output: str = "runs/recap",
+    j: str = "1x2",
+    image: str = torchx.IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
+) -> specs.AppDef:
+    """Train the Recap heavy ranker with sharded embedding tables (torchrun; gloo on CPU, nccl on GPU).
+
+    Resumes from the newest complete checkpoint under OUTPUT/checkpoints. Config overrides go after
+    `--`, e.g. `torchx run recap.train -j 2x4 --output s3://bucket/run -- training.num_train_steps=1000`.
+
+    Args:
+        overrides: dotted config overrides, e.g. training.num_train_steps=200 data.train_url=s3://b/train
+        config: packaged config name (local, production) or a YAML URL
+        output: run URL (local path, file://, s3://, gs://, az://) for checkpoints, embeddings, metrics
+        j: {nnodes}x{nproc_per_node}; multi-node when nnodes > 1 (e.g. 2x4)
+        image: container image (kubernetes) or working dir (local); ignored by slurm
+        cpu: CPUs per replica
+        gpu: GPUs per replica (nproc_per_node must not exceed it on GPU hosts)
+        memMB: memory per replica in MB
+        h: named resource (takes precedence over cpu, gpu, memMB)
+        env: extra environment, e.g. AWS_ENDPOINT_URL=http://...,LOGLEVEL=INFO (never put secrets here)
+        max_retries: scheduler retries and torchrun restarts; each restart resumes from the last checkpoint
+        rdzv_port: port on the rank-0 host for the c10d rendezvous (multi-node only)
+        mounts: mounts, e.g. type=bind,src=/data,dst=/data[,readonly]
+        debug: enable torch.distributed debug flags
+    """
+    args = ["--config", config, "--output", _local_url(output), *overrides]
+    role = _torchrun_role(
+        "trainer", "recap_app.train", args, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
+    )  # fmt: skip
+    return specs.AppDef(name="recap-train", roles=[role])
+
+
+def evaluate(
+    *overrides: str,
+    checkpoint: str,
+    data: str,
+    output: str,
+    config: str = "local",
+    j: str = "1x2",
+    image: str = torchx.IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    num_batches: int = 0,
+) -> specs.AppDef:
+    """Score a checkpoint on a Parquet dataset; writes OUTPUT/eval_metrics.json (per-task AUROC, RCE).
+
+    Args:
+        overrides: dotted config overrides (must describe the model the checkpoint was trained with)
+        checkpoint: checkpoint URL, e.g. runs/x/checkpoints/step-200 or a run URL (newest step is used)
+        data: Parquet URL, directory or glob to score
+        output: URL where eval_metrics.json is written
+        config: packaged config name or YAML URL
+        j: {nnodes}x{nproc_per_node}
+        image: container image (kubernetes) or working dir (local)
+        cpu: CPUs per replica
+        gpu: GPUs per replica
+        memMB: memory per replica in MB
+        h: named resource
+        env: extra environment
+        max_retries: scheduler retries
+        rdzv_port: rendezvous port (multi-node only)
+        mounts: mounts, e.g. type=bind,src=/data,dst=/data
+        num_batches: batches per rank to score (0: training.num_eval_steps)
+    """
+    args = [
+        "--config", config, "--checkpoint", _local_url(checkpoint), "--data", _local_url(data),
+        "--output", _local_url(output), "--num-batches", str(num_batches), *overrides,
+    ]  # fmt: skip
+    role = _torchrun_role(
+        "evaluator", "recap_app.evaluate", args, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
+        env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, debug=False,
+    )  # fmt: skip
+    return specs.AppDef(name="recap-evaluate", roles=[role])
+
+
+def generate_data(
+    *overrides: str,
+    output: str,
+    config: str = "local",
+    num_examples: int = 100_000,
+    num_eval_examples: int = 20_000,
+    num_files: int = 4,
+    seed: int = 0,
+    image: str = torchx.IMAGE,
+    cpu: int = 1,
+    memMB: int = 4096,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Write a synthetic, learnable ranking dataset (Parquet) to OUTPUT/train and OUTPUT/eval.
+
+    Args:
+        overrides: dotted config overrides shaping the data (tasks, feature counts, tables)
+        output: dataset URL (local path, file://, s3://, gs://, az://)
+        config: packaged config name or YAML URL
+        num_examples: training examples
+        num_eval_examples: evaluation examples
+        num_files: Parquet files per split
+        seed: generator seed (same seed, same data)
+        image: container image (kubernetes) or working dir (local)
+        cpu: CPUs
+        memMB: memory in MB
+        env: extra environment
+        mounts: mounts, e.g. type=bind,src=/data,dst=/data
+    """
+    args = [
+        "-m", "recap_app.cli", "generate-data", "--output", _local_url(output), "--config", config,
+        "--num-examples", str(num_examples), "--num-eval-examples", str(num_eval_examples),
+        "--num-files", str(num_files), "--seed", str(seed), *overrides,
+    ]  # fmt: skip
+    role = specs.Role(
+        name="generator",
+        image=image,
+        entrypoint="bash",
+        args=["-c", f"{_python()} {' '.join(shlex.quote(a) for a in args)}"],
+        env={"PYTHONUNBUFFERED": "1", **(env or {})},
+        resource=specs.resource(cpu=cpu, gpu=0, memMB=memMB),
+        mounts=specs.parse_mounts(mounts) if mounts else [],
+    )
+    return specs.AppDef(name="recap-generate-data", roles=[role])
