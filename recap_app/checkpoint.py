@@ -218,5 +218,17 @@ def describe_mismatch(
     return "\n".join(parts)
 
 
+def resolve_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A step folder as given, or the newest complete step under a run or checkpoints URL."""
+    fs, path = url_to_fs(join(url, METADATA), storage_options)
+    if fs.exists(path):
+        return url
+    for root in (join(url, "checkpoints"), url):
+        step = latest_step(root, storage_options)
+        if step is not None:
+            return step_url(root, step)
+    raise FileNotFoundError(f"no complete checkpoint at or under {url}")
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0

@@ -8,23 +8,11 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 
-from recap_app.checkpoint import latest_step, load_checkpoint, step_url
+from recap_app.checkpoint import load_checkpoint, resolve_checkpoint
 from recap_app.config import load_config
 from recap_app.logs import log, setup_logging
 from recap_app.storage import join, url_to_fs
 from recap_app.train import _eval_batches, _format_eval, build, evaluate, setup_distributed
-
-
-def resolve_checkpoint(url: str, storage_options: dict) -> str:
-    """A step folder as given, or the newest complete step under a run or checkpoints URL."""
-    fs, path = url_to_fs(join(url, ".metadata"), storage_options)
-    if fs.exists(path):
-        return url
-    for root in (join(url, "checkpoints"), url):
-        step = latest_step(root, storage_options)
-        if step is not None:
-            return step_url(root, step)
-    raise FileNotFoundError(f"no complete checkpoint at or under {url}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

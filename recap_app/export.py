@@ -1,0 +1,61 @@
+"""`recap export`: load a sharded training checkpoint into an unsharded ranker in one process.
+
+No process group, no torchrun: DCP reads every rank's shards (`no_dist=True`) into plain tensors. The
+result is the ranker's state dict saved with torch.save to any URL, ready for serving or analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from recap_app.checkpoint import load_checkpoint, resolve_checkpoint
+from recap_app.config import RecapConfig, load_config
+from recap_app.logs import log, setup_logging
+from recap_app.loss import build_multi_task_loss
+from recap_app.model import ModelAndLoss
+from recap_app.ranker import RecapRanker
+from recap_app.storage import url_to_fs
+
+
+def load_unsharded(
+    config: RecapConfig, checkpoint_url: str, storage_options: dict[str, Any] | None = None
+) -> RecapRanker:
+    """The ranker of `config` with the weights of a (sharded) checkpoint, on CPU, in eval mode."""
+    ranker = RecapRanker(config.model, config.data.num_continuous, config.data.num_binary)
+    # Same module tree as in training so the checkpoint's keys (model.<ranker keys>) line up.
+    wrapped = ModelAndLoss(ranker, build_multi_task_loss(config.task_names))
+    state = {"model": wrapped.state_dict()}
+    load_checkpoint(checkpoint_url, state, storage_options, no_dist=True)
+    wrapped.load_state_dict(state["model"])
+    return ranker.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="recap export", description=__doc__)
+    parser.add_argument("--config", default="local", help="config the checkpoint was trained with")
+    parser.add_argument("--checkpoint", required=True, help="a step folder, e.g. RUN/checkpoints/step-200")
+    parser.add_argument("--output", required=True, help="URL of the torch.save'd ranker state dict")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    url = resolve_checkpoint(args.checkpoint, config.data.storage_options)
+    ranker = load_unsharded(config, url, config.data.storage_options)
+    buf = io.BytesIO()
+    torch.save(ranker.state_dict(), buf)
+    fs, path = url_to_fs(args.output, config.data.storage_options)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(buf.getvalue())
+    params = sum(t.numel() for t in ranker.state_dict().values())
+    log(f"exported {url} -> {args.output} ({params} values, {len(buf.getvalue()) / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
