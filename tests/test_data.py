@@ -1,0 +1,406 @@
+"""recap_app.data: schema checks, synthetic data, sharded streaming reader, resume, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from recap_app import data
+from recap_app.batch import RecapBatch
+from recap_app.config import RecapConfig, load_config
+
+TABLES = (
+    "model.embeddings.tables=["
+    "{name: user, num_embeddings: 100, embedding_dim: 4, feature_names: [user_id]},"
+    "{name: author, num_embeddings: 50, embedding_dim: 4, feature_names: [author_id]}]"
+)
+
+
+@pytest.fixture(scope="module")
+def config() -> RecapConfig:
+    """Tiny shapes; the local config's four (dotted) task names."""
+    return load_config("local", ["data.num_continuous=4", "data.num_binary=2", TABLES])
+
+
+@pytest.fixture(scope="module")
+def dataset(config, tmp_path_factory) -> str:
+    """2000 rows in 3 files of 64-row groups: 33 row groups of uneven sizes."""
+    url = str(tmp_path_factory.mktemp("ds") / "train")
+    data.write_synthetic_dataset(url, config, 2000, num_files=3, rows_per_group=64, seed=7)
+    return url
+
+
+def row_keys(batch: RecapBatch) -> list[bytes]:
+    """An example's identity: the bytes of its continuous row (unique in generated data)."""
+    return [row.tobytes() for row in batch.continuous_features.numpy()]
+
+
+def fingerprint(batch: RecapBatch) -> tuple:
+    kjt = batch.sparse_features
+    return (
+        tuple(row_keys(batch)),
+        batch.binary_features.numpy().tobytes(),
+        kjt.lengths().numpy().tobytes(),
+        kjt.values().numpy().tobytes(),
+        batch.labels.numpy().tobytes(),
+    )
+
+
+def all_rows(url: str, config: RecapConfig) -> list[bytes]:
+    reader = data.ParquetBatchReader(url, config, 10_000, 0, 1, repeat=False)
+    return [k for b in reader for k in row_keys(b)]
+
+
+def write(path, columns: dict) -> str:
+    pq.write_table(pa.table(columns), str(path))
+    return str(path)
+
+
+def hand_made_columns(config: RecapConfig, continuous_width: int = 4) -> dict:
+    n = 3
+    cols = {
+        "continuous": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.arange(n * continuous_width, dtype=np.float32)), continuous_width
+        ),
+        "binary": pa.FixedSizeListArray.from_arrays(pa.array([1, 0, 0, 1, 1, 1], pa.float32()), 2),
+        "user_id": pa.array([[1, 2], [], [5]], pa.list_(pa.int64())),
+        "author_id": pa.array([[7], [8, 9], None], pa.list_(pa.int64())),
+    }
+    for i, task in enumerate(config.task_names):
+        cols[f"label/{task}"] = pa.array([1.0, 0.0, float(i % 2)], pa.float32())
+        cols[f"weight/{task}"] = pa.array([1.0, 2.0, 0.5], pa.float32())
+    return cols
+
+
+# ------------------------------------------------------------------------------------------ generator
+def test_same_seed_same_content_any_layout_and_stale_parts_removed(config, tmp_path):
+    a = data.write_synthetic_dataset(str(tmp_path / "a"), config, 3000, num_files=3, seed=1)
+    b = data.write_synthetic_dataset(
+        str(tmp_path / "b"), config, 3000, num_files=1, rows_per_group=100, seed=1
+    )
+    c = data.write_synthetic_dataset(str(tmp_path / "c"), config, 3000, num_files=3, seed=2)
+    assert [p.rsplit("/", 1)[-1] for p in a] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    table = {k: pa.concat_tables([pq.read_table(p) for p in v]) for k, v in (("a", a), ("b", b), ("c", c))}
+    assert table["a"].num_rows == 3000
+    assert content(table["a"]) == content(table["b"])
+    assert content(table["a"]) != content(table["c"])
+    # Same seed again, into the first place, with fewer files: identical rows, no stale parts.
+    again = data.write_synthetic_dataset(str(tmp_path / "a"), config, 3000, num_files=1, seed=1)
+    assert data.list_parquet_files(str(tmp_path / "a")) == again
+    assert content(pq.read_table(again[0])) == content(table["a"])
+
+
+def content(table: pa.Table) -> dict[str, bytes]:
+    """Column name -> the bytes of its values (and list lengths): equal tables with NaNs compare equal."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_list(col.type):
+            out[name + "#lengths"] = pc.list_value_length(col).to_numpy().tobytes()
+        if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
+            col = col.flatten()
+        out[name] = col.to_numpy().tobytes()
+    return out
+
+
+def test_generated_data_is_in_range_and_learnable(tmp_path):
+    config = load_config("local")
+    data.write_synthetic_dataset(str(tmp_path), config, 20_000, num_files=1, seed=3)
+    (b,) = data.ParquetBatchReader(str(tmp_path), config, 20_000, 0, 1, repeat=False)
+    rates = b.labels.mean(0).numpy()
+    assert ((rates > 0.04) & (rates < 0.45)).all(), rates
+    assert torch.equal(b.weights, torch.ones_like(b.weights))
+    assert set(b.binary_features.unique().tolist()) <= {0.0, 1.0}
+    c = b.continuous_features.numpy().astype(np.float64)
+    assert 0 < (~np.isfinite(c)).mean() < 1e-3  # rare non-finite values exercise the model's fill
+    c = np.where(np.isfinite(c), c, 0.0)
+    assert c.max() > 1e3  # heavy-tailed counts
+    y = b.labels.numpy()[:, 0]
+    train, test = slice(0, 15_000), slice(15_000, None)
+
+    # Dense signal: logistic regression on log-scaled features (a few Newton steps).
+    x = np.concatenate([np.sign(c) * np.log1p(np.abs(c)), b.binary_features.numpy()], axis=1)
+    x = np.concatenate([(x - x.mean(0)) / (x.std(0) + 1e-6), np.ones((len(x), 1))], axis=1)
+    w = np.zeros(x.shape[1])
+    for _ in range(8):
+        p = 1 / (1 + np.exp(-x[train] @ w))
+        hessian = (x[train] * (p * (1 - p))[:, None]).T @ x[train] + 1e-3 * np.eye(len(w))
+        w -= np.linalg.solve(hessian, x[train].T @ (p - y[train]))
+    assert auroc(x[test] @ w, y[test]) > 0.65
+
+    # Sparse signal: ids' positive rates on the train rows predict the test rows.
+    score = np.zeros(len(y))
+    base = y[train].mean()
+    for jt in b.sparse_features.to_dict().values():
+        ids, rows = jt.values().numpy(), np.repeat(np.arange(len(y)), jt.lengths().numpy())
+        seen = rows < 15_000
+        size = int(ids.max()) + 1
+        pos = np.bincount(ids[seen], weights=y[rows[seen]], minlength=size)
+        rate = (pos + 5 * base) / (np.bincount(ids[seen], minlength=size) + 5)
+        score += np.bincount(rows, weights=rate[ids] - base, minlength=len(y))
+    assert auroc(score[test], y[test]) > 0.55
+
+
+def auroc(score: np.ndarray, y: np.ndarray) -> float:
+    ranks = np.empty(len(score))
+    ranks[np.argsort(score, kind="stable")] = np.arange(1, len(score) + 1)
+    pos = y.sum()
+    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos)))
+
+
+def test_reader_batches_train_the_ranker(config, dataset):
+    from recap_app.loss import build_multi_task_loss
+    from recap_app.ranker import RecapRanker
+
+    batch = next(iter(data.make_dataloader(dataset, config, 16, 0, 1)))
+    model = RecapRanker(config.model, config.data.num_continuous, config.data.num_binary)
+    out = model(batch)
+    loss = build_multi_task_loss(config.task_names)(out["logits"], batch.labels, batch.weights)["loss"]
+    loss.backward()
+    assert out["logits"].shape == (16, 4) and torch.isfinite(loss)
+
+
+def test_generate_data_main(tmp_path):
+    rc = data.generate_data_main(
+        ["--output", f"file://{tmp_path}", "--num-examples", "600", "--num-eval-examples", "300"]
+        + ["--num-files", "2", "--rows-per-group", "100", "data.num_continuous=3", "data.num_binary=0"]
+    )
+    assert rc == 0
+    config = load_config("local", ["data.num_continuous=3", "data.num_binary=0"])
+    train, evaluation = all_rows(str(tmp_path / "train"), config), all_rows(str(tmp_path / "eval"), config)
+    assert (len(train), len(evaluation)) == (600, 300)
+    assert not set(train) & set(evaluation)
+    assert "binary" not in pq.read_schema(str(tmp_path / "train" / "part-00000.parquet")).names
+
+
+# --------------------------------------------------------------------------------------------- schema
+def test_hand_made_file_gives_exact_batch(config, tmp_path):
+    url = write(tmp_path / "x.parquet", hand_made_columns(config))
+    (batch,) = data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False)
+    kjt = batch.sparse_features
+    assert kjt.keys() == ["user_id", "author_id"]
+    assert kjt.lengths().tolist() == [2, 0, 1, 1, 2, 0]
+    assert kjt.values().tolist() == [1, 2, 5, 7, 8, 9]
+    assert kjt.lengths().dtype in (torch.int32, torch.int64) and kjt.values().dtype == torch.int64
+    assert [t.tolist() for t in kjt["author_id"].to_dense()] == [[7], [8, 9], []]
+    assert torch.equal(batch.continuous_features, torch.arange(12, dtype=torch.float32).view(3, 4))
+    assert batch.binary_features.tolist() == [[1, 0], [0, 1], [1, 1]]
+    assert batch.labels.dtype == torch.float32 and batch.labels.shape == (3, 4)
+    assert batch.labels[:, 1].tolist() == [1, 0, 1] and batch.labels[:, 0].tolist() == [1, 0, 0]
+    assert batch.weights[:, 3].tolist() == [1.0, 2.0, 0.5]
+    # With repeat a partial batch never comes; batches of 2 then carry nothing over.
+    reader = data.ParquetBatchReader(url, config, 2, 0, 1, repeat=True)
+    first, second = itertools.islice(reader, 2)
+    assert first.batch_size == second.batch_size == 2
+    assert torch.equal(first.continuous_features, second.continuous_features)
+
+
+def test_variable_lists_of_the_right_width_are_accepted(config, tmp_path):
+    cols = hand_made_columns(config)
+    cols["continuous"] = pa.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], pa.list_(pa.float64()))
+    (batch,) = data.ParquetBatchReader(write(tmp_path / "x.parquet", cols), config, 8, 0, 1, repeat=False)
+    assert torch.equal(batch.continuous_features, torch.arange(12, dtype=torch.float32).view(3, 4))
+    cols["continuous"] = pa.array([[0, 1, 2, 3], [4, 5, 6], [8, 9, 10, 11]], pa.list_(pa.float32()))
+    url = write(tmp_path / "y.parquet", cols)
+    with pytest.raises(data.ParquetSchemaError, match=r"y\.parquet row group 0: column 'continuous'.*3\.\.4"):
+        list(data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False))
+
+
+def test_missing_columns_are_named_with_the_file(config, tmp_path):
+    cols = hand_made_columns(config)
+    del cols["user_id"], cols["label/recap.engagement.is_replied"]
+    url = write(tmp_path / "bad.parquet", cols)
+    with pytest.raises(data.ParquetSchemaError) as e:
+        data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False)
+    assert url in str(e.value)
+    assert "'user_id'" in str(e.value) and "'label/recap.engagement.is_replied'" in str(e.value)
+
+
+def test_wrong_width_is_named_with_the_file(config, tmp_path):
+    url = write(tmp_path / "wide.parquet", hand_made_columns(config, continuous_width=5))
+    with pytest.raises(data.ParquetSchemaError, match="width 5, expected 4") as e:
+        data.ParquetBatchReader(f"file://{url}", config, 8, 0, 1, repeat=False)
+    assert f"file://{url}" in str(e.value) and "'continuous'" in str(e.value)
+    assert "data.num_continuous" in str(e.value)
+
+
+def test_ids_outside_the_table_are_named(config, tmp_path):
+    cols = hand_made_columns(config)
+    cols["author_id"] = pa.array([[7], [50], []], pa.list_(pa.int64()))  # author table has 50 rows
+    url = write(tmp_path / "ids.parquet", cols)
+    with pytest.raises(
+        data.ParquetSchemaError, match=r"ids\.parquet row group 0: column 'author_id'.*\[50\]"
+    ):
+        list(data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False))
+
+
+def test_no_files_and_too_few_row_groups_are_clear(config, tmp_path, dataset):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        data.ParquetBatchReader(str(tmp_path / "nothing-here"), config, 8, 0, 1, repeat=True)
+    one_file = data.list_parquet_files(dataset)[0]  # 11 row groups
+    with pytest.raises(ValueError, match=r"11 row group\(s\).*fewer than ranks x workers = 4 x 3"):
+        data.make_dataloader(one_file, config, 8, 0, 4, num_workers=3)
+
+
+# --------------------------------------------------------------------------------------------- listing
+def test_file_urls_globs_prefixes_and_hidden_files(config, dataset, tmp_path):
+    files = data.list_parquet_files(dataset)
+    assert len(files) == 3 and files == sorted(files)
+    (tmp_path / "d" / "_temporary").mkdir(parents=True)
+    for name in ("_SUCCESS", "_temporary/part-9.parquet", ".part-0.parquet.crc", "notes.txt"):
+        (tmp_path / "d" / name).write_text("x")
+    for f in files:
+        (tmp_path / "d" / f.rsplit("/", 1)[-1]).write_bytes(open(f, "rb").read())
+    d = tmp_path / "d"
+    assert data.list_parquet_files(str(d)) == [str(d / f"part-0000{i}.parquet") for i in range(3)]
+    assert data.list_parquet_files(f"file://{d}") == [f"file://{d}/part-0000{i}.parquet" for i in range(3)]
+    assert data.list_parquet_files(f"file://{d}/part-0000[02].parquet") == [
+        f"file://{d}/part-00000.parquet",
+        f"file://{d}/part-00002.parquet",
+    ]
+    assert data.list_parquet_files(f"{d}/part-0000") == [str(d / f"part-0000{i}.parquet") for i in range(3)]
+    expected = sorted(all_rows(dataset, config))
+    assert sorted(all_rows(f"file://{d}", config)) == expected
+    assert sorted(all_rows(f"file://{tmp_path}/*/part-*.parquet", config)) == expected
+
+
+# --------------------------------------------------------------------------------------------- sharding
+def test_two_ranks_two_workers_read_every_row_once(config, dataset):
+    rows = all_rows(dataset, config)
+    assert len(rows) == len(set(rows)) == 2000
+    seen: list[bytes] = []
+    for rank in range(2):
+        reader = data.ParquetBatchReader(dataset, config, 32, rank, 2, repeat=False)
+        loader = DataLoader(reader, batch_size=None, num_workers=2, collate_fn=data._identity)
+        sizes = []
+        for batch in loader:
+            sizes.append(batch.batch_size)
+            seen.extend(row_keys(batch))
+        assert sizes.count(32) >= len(sizes) - 2  # one partial batch per worker at most
+    assert len(seen) == len(set(seen)) and set(seen) == set(rows)
+
+
+def test_repeat_epochs_cover_each_reader_share_once_per_epoch(config, dataset):
+    """Each of the 4 readers (2 ranks x 2 workers) streams its epochs back to back; within an epoch no
+    row is read twice across readers and only the readers' last partial batches are dropped."""
+    reader = data.ParquetBatchReader(dataset, config, 32, 0, 1, repeat=True, shuffle_seed=5)
+    epochs: list[list[bytes]] = [[], [], []]
+    for g in range(4):
+        stream = reader._stream(g, 4, 0)
+        for epoch, keys in enumerate(epochs):
+            n = sum(u.num_rows for u in reader.epoch_units(epoch, g, 4)) // 32
+            batches = list(itertools.islice(stream, n))
+            assert len(batches) == n and all(b.batch_size == 32 for b in batches)
+            keys.extend(k for b in batches for k in row_keys(b))
+    for keys in epochs:
+        assert len(keys) == len(set(keys)) > 2000 - 4 * 32
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled per epoch
+
+
+def test_world_size_three_without_workers_covers_every_row_once(config, dataset):
+    seen = [
+        k
+        for rank in range(3)
+        for b in data.make_dataloader(dataset, config, 50, rank, 3, repeat=False)
+        for k in row_keys(b)
+    ]
+    assert sorted(seen) == sorted(all_rows(dataset, config))
+
+
+# ----------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("repeat", [False, True])
+def test_skip_batches_equals_reading_and_discarding(config, dataset, repeat):
+    def stream(skip: int) -> list[tuple]:
+        reader = data.ParquetBatchReader(
+            dataset, config, 48, 1, 2, repeat=repeat, shuffle_seed=3, skip_batches=skip
+        )
+        return [fingerprint(b) for b in itertools.islice(reader, 40 - skip)]
+
+    full = stream(0)
+    assert len(full) == 40 if repeat else 15 < len(full) < 40
+    for skip in (1, 3, 7, 25, 33):  # inside a row group, across row groups, across epochs
+        assert stream(skip) == full[skip:], skip
+
+
+def test_make_dataloader_resumes_the_combined_stream_of_workers(config, dataset):
+    def loader(skip: int, repeat: bool):
+        return data.make_dataloader(
+            dataset, config, 40, 0, 2, num_workers=2, repeat=repeat, skip_batches=skip
+        )
+
+    full = [fingerprint(b) for b in loader(0, False)]
+    reader = loader(0, False).dataset
+    counts = reader.worker_batch_counts(2)
+    assert counts[0] != counts[1]  # uneven workers: exhaustion is part of the replay
+    assert len(full) == sum(counts)
+    for skip in (5, len(full) - 2):
+        assert [fingerprint(b) for b in loader(skip, False)] == full[skip:]
+    endless = [fingerprint(b) for b in itertools.islice(loader(0, True), 20)]
+    assert [fingerprint(b) for b in itertools.islice(loader(7, True), 13)] == endless[7:]
+
+
+def test_plan_worker_skips_replays_round_robin():
+    def simulate(skip: int, counts: list[float]) -> tuple[list[int], int | None]:
+        consumed, order = [0] * len(counts), []
+        for _ in range(64):
+            for w in range(len(counts)):
+                if consumed[w] < counts[w]:
+                    order.append(w)
+                    consumed[w] += 1
+        taken = [order[:skip].count(w) for w in range(len(counts))]
+        return taken, (order[skip] if skip < len(order) else None)
+
+    for counts in ([3, 5, 1], [4, 4], [math.inf] * 3, [2, math.inf, 0], [0, 0]):
+        for skip in range(12):
+            consumed, nxt = data.plan_worker_skips(skip, counts)
+            taken, expected_next = simulate(skip, counts)
+            assert consumed == taken, (counts, skip)
+            if expected_next is not None:
+                # The resumed loader starts at `nxt` and skips exhausted workers: same next worker.
+                rotated = [(nxt + i) % len(counts) for i in range(len(counts))]
+                assert next(w for w in rotated if consumed[w] < counts[w]) == expected_next, (counts, skip)
+
+
+# -------------------------------------------------------------------------------------- object store
+@pytest.fixture(scope="module")
+def s3(request):
+    """conftest's session S3 emulator (moto) when there is one, else a private one for this module."""
+    try:
+        yield request.getfixturevalue("s3_server")
+    except pytest.FixtureLookupError:
+        import storage_servers
+
+        with storage_servers.moto_server() as server:
+            yield server
+
+
+def test_s3_write_list_and_sharded_read_in_worker_processes(config, s3):
+    opts = s3.storage_options
+    url = s3.url(f"data-test-{uuid.uuid4().hex[:8]}")
+    files = data.write_synthetic_dataset(
+        url, config, 600, num_files=2, rows_per_group=50, seed=4, storage_options=opts
+    )
+    assert files == [f"{url}/part-00000.parquet", f"{url}/part-00001.parquet"]
+    assert data.list_parquet_files(f"{url}/part-*.parquet", opts) == files
+    seen = [
+        k
+        for rank in range(2)
+        for b in data.make_dataloader(
+            url, config, 64, rank, 2, num_workers=2, repeat=False, storage_options=opts
+        )
+        for k in row_keys(b)
+    ]
+    assert len(seen) == len(set(seen)) == 600
