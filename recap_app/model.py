@@ -105,8 +105,9 @@ def maybe_shard_model(
     """DistributedModelParallel when torch.distributed is initialised; otherwise `model` itself.
 
     sharding_constraints maps a table name to the sharding types it may take (e.g. {"user": ["row_wise"]}).
-    The plan is made by EmbeddingShardingPlanner on a Topology of this job and agreed by all ranks
-    (collective_plan), then logged on rank 0.
+    The plan is made by EmbeddingShardingPlanner on rank 0 on a Topology of this job and broadcast (a
+    planning error is raised on every rank), then logged on rank 0. Tables that hold values (not on the
+    meta device) keep rank 0's values once sharded, as DDP keeps rank 0's dense parameters.
     """
     if not dist.is_initialized():
         return model
@@ -140,15 +141,66 @@ def maybe_shard_model(
         planner_kwargs["batch_size"] = batch_size
     planner = EmbeddingShardingPlanner(**planner_kwargs)
     pg = dist.GroupMember.WORLD
-    plan = planner.collective_plan(model, sharders, pg)
+    plan = _collective_plan(planner, model, sharders, pg)
     log(format_plan(plan))
-    return DistributedModelParallel(
+    # torchrec copies the tables' values into the shards only for CUDA modules; on CPU the shards would
+    # start from a fresh random init. Keep what the model holds (not for meta tables: nothing to keep).
+    initial_tables = {name: t for name, _, t in embedding_weights(model) if not t.is_meta}
+    sharded = DistributedModelParallel(
         module=model,
         device=device,
         env=ShardingEnv.from_process_group(pg),
         plan=plan,
         sharders=sharders,
     )
+    if initial_tables:
+        _load_initial_tables(sharded, initial_tables, device)
+    return sharded
+
+
+def _collective_plan(
+    planner: EmbeddingShardingPlanner,
+    model: torch.nn.Module,
+    sharders: list[ModuleSharder[torch.nn.Module]],
+    pg: dist.ProcessGroup,
+) -> ShardingPlan:
+    """planner.collective_plan, except that a planning error on rank 0 is raised on every rank:
+    torchrec's version leaves the other ranks waiting in the broadcast forever."""
+    result: list[Any] = [None]
+    if dist.get_rank(pg) == 0:
+        try:
+            result = [planner.plan(model, sharders)]
+        except Exception as e:
+            result = [f"{type(e).__name__}: {e}"]
+            dist.broadcast_object_list(result, src=0, group=pg)
+            raise
+    dist.broadcast_object_list(result, src=0, group=pg)
+    if isinstance(result[0], str):
+        raise RuntimeError(f"sharding plan failed on rank 0: {result[0]}")
+    return result[0]
+
+
+def _load_initial_tables(
+    sharded: torch.nn.Module, tables: Mapping[str, torch.Tensor], device: torch.device
+) -> None:
+    """Copy full (unsharded) tables into the local shards of `sharded`; rank 0's values win, as DDP
+    does for dense parameters, so ranks built from different seeds still agree."""
+    state = sharded.state_dict()
+    with torch.no_grad():
+        for name in sorted(tables):
+            full = tables[name].detach().to(device, copy=True)
+            dist.broadcast(full, src=0)
+            target = state[name]
+            if isinstance(target, ShardedTensor):
+                for shard in target.local_shards():
+                    src = full
+                    for dim, (offset, size) in enumerate(
+                        zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True)
+                    ):
+                        src = src.narrow(dim, offset, size)
+                    shard.tensor.copy_(src)
+            else:
+                target.copy_(full)
 
 
 def _summary(t: torch.Tensor) -> str:
@@ -183,8 +235,10 @@ def log_sharded_tensor_content(
                 f"placement={md.placement}",
                 rank=ALL_RANKS,
             )
-        full = torch.empty(weight_tensor.size(), dtype=weight_tensor.dtype) if rank == 0 else None
-        weight_tensor.gather(dst=0, out=full)
+        meta = weight_tensor.metadata()
+        dtype = meta.tensor_properties.dtype
+        full = torch.empty(meta.size, dtype=dtype) if rank == 0 else None
+        weight_tensor.gather(dst=0, out=full, dtype=dtype)
     else:
         full = weight_tensor.detach().to("cpu", copy=True) if rank == 0 else None
     if full is None:

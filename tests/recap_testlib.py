@@ -86,11 +86,13 @@ def make_examples(
     tables: list[dict] | None = None,
     num_tasks: int = len(TASKS),
     seed: int = 0,
+    num_continuous: int = NUM_CONTINUOUS,
+    num_binary: int = NUM_BINARY,
 ) -> RawExamples:
     g = torch.Generator().manual_seed(seed)
     tables = TABLES if tables is None else tables
-    continuous = torch.randn(batch_size, NUM_CONTINUOUS, generator=g) * 10
-    binary = (torch.rand(batch_size, NUM_BINARY, generator=g) > 0.5).float()
+    continuous = torch.randn(batch_size, num_continuous, generator=g) * 10
+    binary = (torch.rand(batch_size, num_binary, generator=g) > 0.5).float()
     labels = (torch.rand(batch_size, num_tasks, generator=g) > 0.5).float()
     weights = torch.rand(batch_size, num_tasks, generator=g) + 0.5
     ids: dict[str, list[list[int]]] = {}
