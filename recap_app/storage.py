@@ -30,17 +30,75 @@ def has_scheme(url: str) -> bool:
 
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem for `url` and the path inside it. Object-store listings are not cached, so a
-    checkpoint written by another rank or process is seen at once."""
+    checkpoint written by another rank or process is seen at once.
+
+    Endpoints and credentials may come from the environment alone: s3 from AWS_* (AWS_ENDPOINT_URL /
+    FSSPEC_S3_ENDPOINT_URL, passed explicitly here because fsspec reads FSSPEC_* only when it is first
+    imported), gs from STORAGE_EMULATOR_HOST / Google default credentials, az from
+    AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME/_KEY (adlfs reads those itself; an
+    `az://container/path` URL needs no storage options then).
+
+    fsspec caches filesystem instances per (class, options), and s3fs/adlfs read the environment only
+    when an instance is created, so an instance outlives a change of environment in the same process
+    (gcsfs reads STORAGE_EMULATOR_HOST per request). Long-running jobs never change it; tests that
+    start servers call `fsspec_clear_instance_caches()` (tests/conftest.py does, around every test).
+    Instances survive a restart of the store itself: their clients reconnect.
+    """
     options = dict(storage_options or {})
     protocol = url.split("://", 1)[0] if has_scheme(url) else "file"
-    if protocol in ("s3", "s3a", "gs", "gcs"):
+    if protocol in _OBJECT_STORES:
         options.setdefault("use_listings_cache", False)
-    if protocol == "s3" and "endpoint_url" not in options:
+    if protocol in ("s3", "s3a") and "endpoint_url" not in options:
         endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["endpoint_url"] = endpoint
     fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path
+
+
+# adlfs caches listings too: without az/abfs here a blob written by another process can stay unseen.
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
+
+
+def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def ls(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Entries directly under `url`, as URLs of the same kind (fsspec's own `ls` drops the scheme, and
+    a bare "bucket/key" path cannot be passed back to `url_to_fs`). Sorted; [] for a missing dir."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    names.discard("")
+    return sorted(join(url, n) for n in names)
+
+
+def rm(url: str, recursive: bool = False, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Delete a file, or with `recursive` a whole prefix/directory. A missing target is not an error."""
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
+
+
+def fsspec_clear_instance_caches() -> None:
+    """Forget every cached fsspec filesystem instance (all imported implementations), so the next
+    `url_to_fs` builds one from the current environment."""
+    seen: set[type] = set()
+    stack: list[type] = [AbstractFileSystem]
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        cls.clear_instance_cache()
+        stack.extend(cls.__subclasses__())
 
 
 def join(url: str, *parts: str) -> str:

@@ -22,12 +22,20 @@ Use them as context managers (``with moto_server() as s3: ...``) or through the 
 - ``persistent``        whether objects survive ``stop()``/``start()``: GCS and Azure keep their data
                         on disk in a temp dir; S3 (moto) replays its request recording on restart.
 - ``log_tail()``        the last lines of the server's log.
+- ``ensure_running()``  undo pause()/stop() (conftest does it after every test).
+
+Measured here, with default client settings, a write to a stopped store fails after: s3fs ~7 s
+(EndpointConnectionError), gcsfs ~33 s (aiohttp ClientConnectorError, after its 6 retries), adlfs
+~84 s (azure.core ServiceRequestError, after azure-core's retries). A fault-injection test that wants
+a quick failure must lower the clients' retries (e.g. s3fs ``config_kwargs={"retries": ...}``).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import fcntl
 import http.client
 import json
 import os
@@ -55,6 +63,11 @@ _BIN = Path(sys.executable).parent
 _LIVE: set[StorageServer] = set()
 
 
+def live_servers() -> list[StorageServer]:
+    """Servers started and not yet closed (running, stopped or paused)."""
+    return list(_LIVE)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -75,6 +88,25 @@ class ServerError(RuntimeError):
     pass
 
 
+class _EarlyExit(Exception):
+    pass
+
+
+_libc = None
+
+
+def _die_with_parent() -> None:
+    """In the forked child: have the kernel SIGTERM the server when the test process dies, even by
+    SIGKILL (atexit would not run then). Linux only; tied to the thread that started the server."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class StorageServer:
     """One emulator process. Subclasses say how to run it, when it is ready, and what to create."""
 
@@ -89,6 +121,7 @@ class StorageServer:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"recap-{self.name}-"))
         self.log_path = self.workdir / "server.log"
         self.proc: subprocess.Popen | None = None
+        self.paused = False
 
     # --- what subclasses define -------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -136,11 +169,25 @@ class StorageServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def start(self) -> StorageServer:
-        """Start the server (on the same port as before, if it ran before) and wait until it answers."""
+        """Start the server (on the same port as before, if it ran before) and wait until it answers.
+        Raises ServerError, with the server's log tail, if it exits or is not ready in time."""
         if self.running:
             return self
         first = self.proc is None
-        # The port was free when chosen; after a stop() something else could in principle take it.
+        for attempt in range(3):
+            try:
+                self._spawn_and_wait()
+                break
+            except _EarlyExit as e:
+                # The port was free when chosen but may have been taken since. A first start may pick
+                # another; a restart must keep its port (URLs and env handed out name it).
+                if not first or attempt == 2:
+                    raise ServerError(str(e)) from None
+                self.port = free_port()
+        self.after_start(first)
+        return self
+
+    def _spawn_and_wait(self) -> None:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {' '.join(self.command())}\n".encode())
             log.flush()
@@ -152,18 +199,19 @@ class StorageServer:
                 env=self.child_env(),
                 cwd=self.workdir,
                 start_new_session=True,  # own process group: stop() kills every child with it
+                preexec_fn=_die_with_parent,
             )
         _LIVE.add(self)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
-                raise ServerError(
-                    f"{self.name} server exited with {self.proc.returncode} during start;"
-                    f" log tail:\n{self.log_tail()}"
+                raise _EarlyExit(
+                    f"{self.name} server exited with {self.proc.returncode} during start"
+                    f" (port {self.port}); log tail:\n{self.log_tail()}"
                 )
             try:
                 if self.is_ready():
-                    break
+                    return
             except (OSError, http.client.HTTPException):
                 pass
             if time.monotonic() > deadline:
@@ -173,12 +221,10 @@ class StorageServer:
                     f" log tail:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
-        self.after_start(first)
-        return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Kill the server's process group (SIGTERM, then SIGKILL) and reap it."""
-        proc = self.proc
+        proc, self.paused = self.proc, False
         if proc is None or proc.poll() is not None:
             return
         for sig, wait in ((signal.SIGCONT, 0), (signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
@@ -199,10 +245,19 @@ class StorageServer:
         """Freeze the server: connections are accepted by the kernel but never answered."""
         if self.running:
             os.killpg(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
 
     def resume(self) -> None:
         if self.running:
             os.killpg(self.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+    def ensure_running(self) -> None:
+        """Undo a test's pause() or stop() (the pytest fixtures call this after every test)."""
+        if self.paused:
+            self.resume()
+        if not self.running:
+            self.start()
 
     def close(self) -> None:
         """Stop for good and delete the work dir (data and log)."""
@@ -271,19 +326,31 @@ class MotoS3Server(StorageServer):
 
 
 class GcsEmulatorServer(StorageServer):
-    """gcp-storage-emulator, storing on disk under its work dir (so data survives a restart)."""
+    """gcp-storage-emulator, storing on disk under its work dir (so data survives a restart).
+
+    The emulator lacks the ``objects.moveTo`` call that gcsfs uses for ``mv``/``rename``; it answers
+    501, which gcsfs retries with backoff for ~33 s before falling back to copy + delete. Every
+    torch.distributed.checkpoint save renames ``.metadata.tmp`` to ``.metadata``, so with the plain
+    emulator each save takes ~34 s. With ``move_to=True`` (default) the emulator is launched through
+    this module, which adds a moveTo route (copy + delete, as the real service behaves for clients).
+    """
 
     name = "gcs"
     scheme = "gs"
     persistent = True
 
-    def command(self):
-        return [str(_BIN / "gcp-storage-emulator"), "start", "--host", HOST, "--port", str(self.port), "-q"]
+    def __init__(self, bucket: str = BUCKET, move_to: bool = True):
+        super().__init__(bucket)
+        self.move_to = move_to
 
-    def child_env(self):
-        env = dict(os.environ)
-        env["STORAGE_BASE"] = str(self.workdir)
-        return env
+    def command(self):
+        emulator = (
+            [sys.executable, __file__, "gcs-emulator"]
+            if self.move_to
+            else [str(_BIN / "gcp-storage-emulator")]
+        )
+        data = ["--data-dir", str(self.workdir / "data")]
+        return emulator + data + ["start", "--host", HOST, "--port", str(self.port), "-q"]
 
     def is_ready(self):
         status, _ = _http("GET", f"{self.endpoint}/storage/v1/b?project=test", timeout=2)
@@ -325,6 +392,17 @@ def ensure_azurite(version: str = AZURITE_VERSION) -> Path:
     if npm is None:
         raise ServerError("npm not found: cannot install azurite")
     AZURITE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(AZURITE_DIR / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test sessions: one installs, the others wait
+        if exe.exists() and pkg.exists() and json.loads(pkg.read_text()).get("version") == version:
+            return exe
+        _npm_install(npm, version)
+    if not exe.exists():
+        raise ServerError(f"npm install azurite@{version} did not produce {exe}")
+    return exe
+
+
+def _npm_install(npm: str, version: str) -> None:
     res = subprocess.run(
         [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", f"azurite@{version}"],
         cwd=AZURITE_DIR,
@@ -332,11 +410,10 @@ def ensure_azurite(version: str = AZURITE_VERSION) -> Path:
         text=True,
         timeout=600,
     )
-    if res.returncode != 0 or not exe.exists():
+    if res.returncode != 0:
         raise ServerError(
             f"npm install azurite@{version} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
         )
-    return exe
 
 
 class AzuriteServer(StorageServer):
@@ -347,10 +424,10 @@ class AzuriteServer(StorageServer):
     scheme = "az"
 
     def __init__(self, bucket: str = BUCKET, in_memory: bool = False):
+        self.exe = ensure_azurite()
         super().__init__(bucket)
         self.in_memory = in_memory
         self.persistent = not in_memory
-        self.exe = ensure_azurite()
 
     def command(self):
         cmd = [
@@ -406,8 +483,8 @@ def moto_server(bucket: str = BUCKET) -> Iterator[MotoS3Server]:
 
 
 @contextlib.contextmanager
-def gcs_server(bucket: str = BUCKET) -> Iterator[GcsEmulatorServer]:
-    with GcsEmulatorServer(bucket) as server:
+def gcs_server(bucket: str = BUCKET, move_to: bool = True) -> Iterator[GcsEmulatorServer]:
+    with GcsEmulatorServer(bucket, move_to=move_to) as server:
         yield server
 
 
@@ -426,3 +503,37 @@ def _kill_leftovers() -> None:
     for server in list(_LIVE):
         with contextlib.suppress(Exception):
             server.close()
+
+
+def _run_gcs_emulator(argv: list[str]) -> None:
+    """gcp-storage-emulator's main, plus the objects.moveTo route it lacks (copy, then delete)."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.__main__ import main
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    def move(request, response, storage, *args, **kwargs):
+        bucket, src, dst = (request.params[k] for k in ("bucket_name", "object_id", "dest_object_id"))
+        try:
+            obj = objects._copy(request.base_url, storage, bucket, src, bucket, dst)
+        except NotFound:
+            response.status = HTTPStatus.NOT_FOUND
+            return
+        objects._delete(storage, bucket, src)
+        response.json(obj)
+
+    routes = tuple(
+        (
+            rf"^{prefix}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/(?P<dest_object_id>.*[^/]+)$",
+            {server.POST: move},
+        )
+        for prefix in (server.settings.API_ENDPOINT, "")
+    )
+    server.HANDLERS = routes + tuple(server.HANDLERS)  # before the generic object route
+    sys.exit(main(argv))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["gcs-emulator"]:
+    _run_gcs_emulator(sys.argv[2:])
