@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt_url = resolve_checkpoint(args.checkpoint, opts)
         state = build(config, runtime)
         ckpt = {"model": state.model.state_dict()}
-        load_checkpoint(ckpt_url, ckpt, opts, runtime.cpu_group)
+        load_checkpoint(ckpt_url, ckpt, opts, runtime.checkpoint_group)
         state.model.load_state_dict(ckpt["model"])
         num_batches = args.num_batches or config.training.num_eval_steps
         metrics = evaluate(

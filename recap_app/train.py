@@ -47,8 +47,8 @@ class Runtime:
     device: torch.device
     rank: int
     world_size: int
-    # Checkpoint collectives need a CPU group: the default one on gloo, a separate one beside nccl.
-    cpu_group: dist.ProcessGroup | None
+    # A gloo group for checkpoint collectives only (see setup_distributed).
+    checkpoint_group: dist.ProcessGroup
 
 
 def _free_port() -> int:
@@ -74,8 +74,10 @@ def setup_distributed() -> Runtime:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
-    return Runtime(device, dist.get_rank(), dist.get_world_size(), cpu_group)
+    # Async checkpoint saves run collectives from a background thread: they need a group of their own,
+    # else they interleave with training's collectives on the default group and deadlock.
+    checkpoint_group = dist.new_group(backend="gloo")
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), checkpoint_group)
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -314,7 +316,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         keep_latest_k=tc.keep_latest_k,
         async_save=tc.async_checkpoint,
         storage_options=config.data.storage_options,
-        process_group=runtime.cpu_group,
+        process_group=runtime.checkpoint_group,
     )
     step = 0
     resume = checkpointer.latest_step()
@@ -328,7 +330,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         log(f"resumed from {join(checkpointer.root, f'step-{resume}')} at step {step}")
     elif tc.initial_checkpoint:
         ckpt = {"model": model.state_dict()}
-        load_checkpoint(tc.initial_checkpoint, ckpt, config.data.storage_options, runtime.cpu_group)
+        load_checkpoint(tc.initial_checkpoint, ckpt, config.data.storage_options, runtime.checkpoint_group)
         model.load_state_dict(ckpt["model"])
         log(f"warm start: model weights from {tc.initial_checkpoint} (optimizer and step fresh)")
 
