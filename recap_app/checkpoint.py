@@ -5,10 +5,17 @@ it last, on rank 0, after every rank's data is written, so a crash mid-save leav
 which resume ignores and the next save's cleanup deletes. Saves are asynchronous by default: training
 waits only for the staging copy to CPU; the previous save is awaited before the next starts. Keep-latest-k
 deletion runs on a background thread on rank 0; its failures are logged, never fatal.
+
+Storage failure policy (e.g. the object store goes away mid-save): DCP reports a failed write on every
+rank, so every rank takes the same branch. A periodic save that fails is logged with its URL and
+training goes on from the last complete checkpoint, which stays intact; after `max_consecutive_failures`
+failed periodic saves in a row the job fails. The final save is retried `final_attempts` times with
+backoff, then the job fails (non-zero exit), so a scheduler retry resumes from the last complete step.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -21,10 +28,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from recap_app.logs import log
-from recap_app.storage import join, url_to_fs
+from recap_app.storage import has_scheme, join, url_to_fs
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 METADATA = ".metadata"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (storage unreachable, permissions, ...); names the URL."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -57,8 +68,10 @@ def latest_step(root: str, storage_options: Mapping[str, Any] | None = None) -> 
 
 def _writer(url: str, storage_options: Mapping[str, Any] | None) -> FsspecWriter:
     # FsspecWriter is also an AsyncStager whose staging copes with torchrec's ShardedTensors; DCP's
-    # default stager does not ('data_ptr' not supported for ShardedTensor).
-    return FsspecWriter(url, **dict(storage_options or {}))
+    # default stager does not ('data_ptr' not supported for ShardedTensor). Object-store streams cannot
+    # fsync, and DCP then falls back to os.sync() of the whole machine per file: skip it there.
+    local = not has_scheme(url) or url.startswith("file://")
+    return FsspecWriter(url, sync_files=local, **dict(storage_options or {}))
 
 
 def _reader(url: str, storage_options: Mapping[str, Any] | None) -> FsspecReader:
@@ -76,8 +89,15 @@ class Checkpointer:
         async_save: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         process_group: dist.ProcessGroup | None = None,
+        max_consecutive_failures: int = 3,
+        final_attempts: int = 3,
+        retry_backoff_s: float = 2.0,
     ) -> None:
         self.root = root
+        self.max_consecutive_failures = max_consecutive_failures
+        self.final_attempts = final_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self.consecutive_failures = 0
         self.keep_latest_k = keep_latest_k
         self.async_save = async_save
         self.storage_options = dict(storage_options or {})
@@ -100,21 +120,39 @@ class Checkpointer:
             log(f"checkpoint step-{step} already complete; not saving again")
             return 0.0
         url = step_url(self.root, step)
-        writer = _writer(url, self.storage_options)
         if self.async_save and not final:
-            self._pending = dcp.async_save(state, storage_writer=writer, process_group=self.process_group)
+            self._pending = dcp.async_save(
+                state, storage_writer=_writer(url, self.storage_options), process_group=self.process_group
+            )
             self._pending_step = step
             blocked = time.perf_counter() - start
             log(f"checkpoint step-{step}: async save started to {url} (blocked {blocked:.2f}s)")
-        else:
-            dcp.save(state, storage_writer=writer, process_group=self.process_group)
-            blocked = time.perf_counter() - start
-            log(f"checkpoint step-{step}: saved to {url} in {blocked:.2f}s")
-            self._after_save()
+            return blocked
+        attempts = self.final_attempts if final else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                dcp.save(
+                    state, storage_writer=_writer(url, self.storage_options), process_group=self.process_group
+                )
+                break
+            except Exception as e:
+                if attempt == attempts:
+                    self._failed(step, e, fatal=final)
+                    return time.perf_counter() - start
+                delay = self.retry_backoff_s * 2 ** (attempt - 1)
+                log(
+                    f"checkpoint save to {url} failed (attempt {attempt}/{attempts}), "
+                    f"retry in {delay:.0f}s: {e}",
+                    level=logging.WARNING,
+                )
+                time.sleep(delay)
+        blocked = time.perf_counter() - start
+        log(f"checkpoint step-{step}: saved to {url} in {blocked:.2f}s")
+        self._succeeded()
         return blocked
 
     def wait(self) -> None:
-        """Block until the in-flight async save (if any) is durable; re-raise its error naming the URL."""
+        """Block until the in-flight async save (if any) is durable or has failed (see the policy above)."""
         if self._pending is None:
             return
         pending, step = self._pending, self._pending_step
@@ -123,13 +161,28 @@ class Checkpointer:
         try:
             pending.result()
         except Exception as e:
-            raise RuntimeError(f"checkpoint save to {step_url(self.root, step)} failed: {e}") from e
+            self._failed(step, e, fatal=False)
+            return
         log(f"checkpoint step-{step}: durable (waited {time.perf_counter() - start:.2f}s)")
-        self._after_save()
+        self._succeeded()
 
-    def _after_save(self) -> None:
+    def _succeeded(self) -> None:
+        self.consecutive_failures = 0
         if _rank() == 0:
             self._purge_in_background()
+
+    def _failed(self, step: int, error: Exception, *, fatal: bool) -> None:
+        url = step_url(self.root, step)
+        self.consecutive_failures += 1
+        if fatal or self.consecutive_failures >= self.max_consecutive_failures:
+            raise CheckpointSaveError(
+                f"checkpoint save to {url} failed ({self.consecutive_failures} in a row): {error}"
+            ) from error
+        log(
+            f"checkpoint save to {url} failed ({self.consecutive_failures}/{self.max_consecutive_failures} "
+            f"in a row); training continues, the last complete checkpoint is intact: {error}",
+            level=logging.ERROR,
+        )
 
     # ----------------------------------------------------------------------------------------- prune
     def _purge_in_background(self) -> None:
@@ -151,7 +204,7 @@ class Checkpointer:
                 fs.rm(path, recursive=True)
                 log(f"checkpoint step-{step}: deleted (keep_latest_k={self.keep_latest_k})")
         except Exception as e:  # never fatal: a leftover folder costs space, not correctness
-            log(f"checkpoint cleanup under {self.root} failed: {e!r}", level=30)
+            log(f"checkpoint cleanup under {self.root} failed: {e!r}", level=logging.WARNING)
 
     def join_purger(self, timeout: float = 60.0) -> None:
         if self._purger is not None:
