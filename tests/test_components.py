@@ -1,0 +1,131 @@
+"""The TorchX components' AppDefs: roles, replicas, torchrun arguments, registration and config."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torchx.specs import AppDef, macros
+
+from torchx_components import recap
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHX = str(Path(sys.executable).parent / "torchx")
+
+
+def _command(app: AppDef) -> list[str]:
+    (role,) = app.roles
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    # The interpreter prelude ends with `exec "$PY"`; the rest is the torchrun command line.
+    prelude, _, command = role.args[1].partition('exec "$PY" ')
+    assert f"PY={shlex.quote(sys.executable)}" in prelude
+    return shlex.split(command)
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_train_single_node_1x2() -> None:
+    app = recap.train("training.num_train_steps=20", output="/tmp/out", j="1x2", max_retries=3)
+    (role,) = app.roles
+    assert (role.num_replicas, role.min_replicas, role.max_retries) == (1, 1, 3)
+    cmd = _command(app)
+    assert cmd[:2] == ["-m", "torch.distributed.run"]
+    assert _flag(cmd, "--nnodes") == "1"
+    assert _flag(cmd, "--nproc_per_node") == "2"
+    assert _flag(cmd, "--rdzv_endpoint") == "localhost:0"  # one node: torchrun picks a free port
+    assert _flag(cmd, "--max_restarts") == "3"
+    assert _flag(cmd, "--rdzv_id") == macros.app_id
+    module_at = cmd.index("recap_app.train")
+    assert cmd[module_at - 1] == "-m"
+    assert cmd[module_at + 1 :] == [
+        "--config",
+        "local",
+        "--output",
+        "/tmp/out",
+        "training.num_train_steps=20",
+    ]
+
+
+def test_train_multi_node_2x4_resources_env_mounts() -> None:
+    app = recap.train(
+        output="s3://bucket/run",
+        j="2x4",
+        cpu=8,
+        gpu=4,
+        memMB=32000,
+        env={"AWS_ENDPOINT_URL": "http://minio:9000"},
+        mounts=["type=bind", "src=/data", "dst=/data"],
+        rdzv_port=29600,
+        image="ghcr.io/x/recap:1",
+    )
+    (role,) = app.roles
+    assert (role.num_replicas, role.min_replicas) == (2, 2)
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (8, 4, 32000)
+    assert role.image == "ghcr.io/x/recap:1"
+    assert role.env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert role.port_map == {"c10d": 29600}
+    assert role.mounts[0].src_path == "/data"
+    cmd = _command(app)
+    assert _flag(cmd, "--nnodes") == "2"
+    assert _flag(cmd, "--nproc_per_node") == "4"
+    # Multi-node: rank 0's host comes from the scheduler's variable, expanded by bash on each node.
+    assert "${" + macros.rank0_env + ":=localhost}:29600" in app.roles[0].args[1]
+    assert _flag(cmd, "--output") == "s3://bucket/run"  # URLs are passed through untouched
+
+
+def test_relative_local_output_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cmd = _command(recap.train(output="runs/x"))
+    assert _flag(cmd, "--output") == str(tmp_path / "runs/x")
+
+
+def test_elastic_min_nodes() -> None:
+    (role,) = recap.train(output="/o", j="1:3x2").roles
+    assert (role.min_replicas, role.num_replicas) == (1, 3)
+
+
+def test_evaluate_and_generate_data() -> None:
+    cmd = _command(recap.evaluate(checkpoint="s3://b/run", data="s3://b/eval", output="s3://b/ev", j="1x2"))
+    at = cmd.index("recap_app.evaluate")
+    assert cmd[at + 1 :] == [
+        "--config", "local", "--checkpoint", "s3://b/run", "--data", "s3://b/eval",
+        "--output", "s3://b/ev", "--num-batches", "0",
+    ]  # fmt: skip
+    (role,) = recap.generate_data(output="gs://b/data", num_examples=10).roles
+    assert role.num_replicas == 1
+    assert "recap_app.cli generate-data --output gs://b/data" in role.args[1]
+    assert "--num-examples 10" in role.args[1]
+
+
+def _torchx(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TORCHX, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_registered_next_to_builtins(tmp_path: Path) -> None:
+    out = _torchx("builtins", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for name in ("recap.train", "recap.evaluate", "recap.generate_data", "dist.ddp", "utils.echo"):
+        assert f" {name}\n" in out.stdout
+
+
+def test_help_is_the_docstring(tmp_path: Path) -> None:
+    out = _torchx("run", "recap.train", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Train the Recap heavy ranker" in out.stdout
+    assert "--max_retries" in out.stdout and "dotted config overrides" in out.stdout
+
+
+def test_repo_torchxconfig_makes_plain_run_work(tmp_path: Path) -> None:
+    """From the repo root, `torchx run` alone means recap.train on local_cwd with the config's defaults."""
+    out = _torchx("run", "--dryrun", cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "recap_app.train" in text
+    assert "--nproc_per_node 2" in text
+    assert os.path.join(str(REPO), "runs/recap-local") in text
