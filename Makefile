@@ -28,6 +28,7 @@ test-cluster: install
 
 train: install
 	torchx run -s local_cwd recap.train -j 1x2 --output $(OUTPUT)
+	@$(VENV)/bin/recap summary $(OUTPUT)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

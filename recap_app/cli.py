@@ -1,4 +1,4 @@
-"""`recap` console script: train | evaluate | generate-data | export."""
+"""`recap` console script: train | evaluate | generate-data | export | summary."""
 
 from __future__ import annotations
 
@@ -28,7 +28,18 @@ def _commands() -> dict[str, Callable[[Sequence[str]], int]]:
 
         return main(argv)
 
-    return {"train": train, "evaluate": evaluate, "generate-data": generate_data, "export": export}
+    def summary(argv: Sequence[str]) -> int:
+        from recap_app.summary import main
+
+        return main(argv)
+
+    return {
+        "train": train,
+        "evaluate": evaluate,
+        "generate-data": generate_data,
+        "export": export,
+        "summary": summary,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

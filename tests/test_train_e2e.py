@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recap_app.summary import summarize
+
 VENV_BIN = Path(sys.executable).parent
 FAST = ["training.log_every_n=5", "training.eval_every_n=0", "training.num_eval_steps=2"]
 
@@ -58,6 +60,10 @@ def test_torchx_local_two_ranks_then_resume(tmp_path: Path) -> None:
     assert final_eval and final_eval[-1]["step"] == 30
     assert 0.0 <= final_eval[-1]["eval/auroc/recap.engagement.is_favorited"] <= 1.0
     assert (out / "checkpoints/step-30/.metadata").exists()
+    text = summarize(str(out))  # what `make train` prints at the end
+    assert "complete steps [10, 20, 30]" in text
+    assert "embeddings/step-30/: author.npy, user.npy" in text
+    assert "last eval (step 30" in text and "recap.engagement.is_favorited: AUROC" in text
 
 
 def test_single_process_without_torchrun(tmp_path: Path) -> None:
