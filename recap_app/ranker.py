@@ -7,11 +7,10 @@ whose outputs join the dense input, selected by key (sharded outputs may reorder
 
 from __future__ import annotations
 
-import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from typing import TYPE_CHECKING
 
-from recap_app.batch import RecapBatch
+import torch
+
 from recap_app.config import (
     ArchitectureConfig,
     DoubleNormLogConfig,
@@ -22,6 +21,11 @@ from recap_app.config import (
     ModelConfig,
     MultiTaskType,
 )
+
+if TYPE_CHECKING:  # the dense model needs no torchrec: it runs (and exports) wherever torch does
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from recap_app.batch import RecapBatch
 
 
 def _init_linear(module: torch.nn.Module) -> None:
@@ -178,6 +182,9 @@ def sanitize(task_name: str) -> str:
 def build_embedding_bag_collection(
     config: EmbeddingsConfig, device: torch.device | None = None
 ) -> EmbeddingBagCollection:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
     pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
     tables = [
         EmbeddingBagConfig(
