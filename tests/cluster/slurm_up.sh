@@ -7,26 +7,39 @@
 # Needs root and Debian 12 (installs slurmctld slurmd slurm-client slurmdbd munge mariadb-server if
 # missing). No systemd: every daemon is started here and stopped by slurm_down.sh. State and logs
 # live in $RECAP_SLURM_STATE (default /var/lib/recap-slurm); configs in /etc/slurm. Tunables: see
-# slurm_lib.sh (RECAP_SLURM_NODES, _CPUS, _MEM_MB, _PARTITION, _CLUSTER, _DB_PORT).
+# slurm_lib.sh (RECAP_SLURM_NODES, _CPUS, _MEM_MB, _PARTITION, _CLUSTER, _DB_PORT, _CRED_EXPIRE).
+# Prints how long it took; on failure, the tail of the logs written during this run.
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=slurm_lib.sh
 source "$HERE/slurm_lib.sh"
 T0=$(date +%s%N)
-elapsed() { echo "$((($(date +%s%N) - T0) / 1000000))" | sed -E 's/([0-9]{3})$/.\1/; s/^\./0./'; }
+elapsed() { awk -v t0="$T0" -v t1="$(date +%s%N)" 'BEGIN { printf "%.1f", (t1 - t0) / 1e9 }'; }
 
 if [[ $(id -u) != 0 ]]; then
     echo "slurm_up.sh: must run as root (starts munged, mariadbd and the Slurm daemons)" >&2
     exit 1
 fi
-trap 'rc=$?; echo "slurm_up.sh: FAILED at line $LINENO (exit $rc) after $(elapsed)s" >&2; tail_logs >&2; exit $rc' ERR
+take_lock
+on_error() {
+    local rc=$1 line=$2
+    [[ $BASHPID == "$$" ]] || exit "$rc" # a subshell: the main shell reports
+    echo "slurm_up.sh: FAILED at line $line (exit $rc) after $(elapsed)s" >&2
+    tail_logs "$((T0 / 1000000000))" >&2
+    exit "$rc"
+}
+trap 'on_error $? $LINENO' ERR
 
-# wait_for DESCRIPTION TIMEOUT_S CMD...: poll CMD (quietly) until it succeeds.
+# wait_for DESCRIPTION TIMEOUT_S CMD...: poll CMD (quietly) until it succeeds; exit 99 = hopeless.
 wait_for() {
     local what=$1 timeout=$2 deadline
     shift 2
     deadline=$((SECONDS + timeout))
     until "$@" >/dev/null 2>&1; do
+        if (($? == 99)); then
+            echo "slurm_up.sh: gave up waiting for $what: it died" >&2
+            return 1
+        fi
         if ((SECONDS >= deadline)); then
             echo "slurm_up.sh: timed out after ${timeout}s waiting for $what" >&2
             return 1
@@ -52,7 +65,8 @@ if ((${#missing[@]})); then
 fi
 
 # ---- directories, /etc/hosts, secrets
-install -d -m 0755 "$STATE" "$RUN" "$LOG" "$STATE/slurmd"
+install -d -m 0755 "$STATE" "$RUN" "$STATE/slurmd"
+install -d -o slurm -g slurm -m 0755 "$LOG"  # slurmctld chdirs here as SlurmUser
 install -d -o slurm -g slurm -m 0755 "$STATE/ctld"
 install -d -o munge -g munge -m 0700 "$MUNGE_DIR"
 install -d -o munge -g munge -m 0755 /run/munge
@@ -73,11 +87,12 @@ for n in "${NODE_LIST[@]}"; do
     fi
 done
 if ((${#missing_hosts[@]})); then
+    [[ ! -s /etc/hosts || $(tail -c 1 /etc/hosts) == "" ]] || echo >>/etc/hosts
     echo "127.0.0.1 ${missing_hosts[*]} $HOSTS_TAG" >>/etc/hosts
 fi
 
 if [[ ! -s $STATE/dbpass ]]; then
-    (umask 077 && tr -dc 'A-Za-z0-9' </dev/urandom | head -c 24 >"$STATE/dbpass")
+    (umask 077 && od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$STATE/dbpass")
 fi
 DB_PASS=$(<"$STATE/dbpass")
 
@@ -91,6 +106,8 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=6817
 AuthType=auth/munge
 CredType=cred/munge
+# Also the delay before a requeued job (torchx --max_retries) may start again: default 120 s, min 5.
+AuthInfo=cred_expire=$CRED_EXPIRE
 SlurmUser=slurm
 SlurmdUser=root
 StateSaveLocation=$STATE/ctld
@@ -107,17 +124,18 @@ TaskPlugin=task/none
 SlurmdParameters=config_overrides
 # Heterogeneous jobs (torchx: one group per replica) only start through backfill.
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
+MailProg=/bin/true
 ReturnToService=2
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
 MessageTimeout=10
 SlurmctldTimeout=30
-SlurmdTimeout=60
+SlurmdTimeout=30
 # torchx reads job state only from sacct: accounting through slurmdbd is required.
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
@@ -162,11 +180,11 @@ any_alive() {
     return 1
 }
 
-# install_conf PATH MODE OWNER < content: returns 0 if the file changed.
+# install_conf PATH MODE OWNER CONTENT: returns 0 if the file changed.
 install_conf() {
     local path=$1 mode=$2 owner=$3 tmp
     tmp=$(mktemp)
-    cat >"$tmp"
+    printf '%s\n' "$4" >"$tmp"
     if [[ -e $path ]] && ! head -n 1 "$path" | grep -qxF "$MARKER" && [[ ${RECAP_SLURM_FORCE:-0} != 1 ]]; then
         rm -f "$tmp"
         echo "slurm_up.sh: $path exists and was not written by this script; refusing to overwrite" \
@@ -184,8 +202,12 @@ install_conf() {
 
 mkdir -p "$SLURM_ETC"
 changed=0
-slurm_conf | install_conf "$SLURM_CONF" 644 root:root && changed=1
-slurmdbd_conf | install_conf "$SLURMDBD_CONF" 600 slurm:slurm && changed=1
+if install_conf "$SLURM_CONF" 644 root:root "$(slurm_conf)"; then changed=1; fi
+if install_conf "$SLURMDBD_CONF" 600 slurm:slurm "$(slurmdbd_conf)"; then changed=1; fi
+# A config counts as applied only once a start with it succeeded (a failed restart must not stick).
+for f in "$SLURM_CONF" "$SLURMDBD_CONF"; do
+    cmp -s "$f" "$RUN/${f##*/}.applied" || changed=1
+done
 if ((changed)) && any_alive; then
     echo "Slurm config changed: restarting the cluster"
     "$HERE/slurm_down.sh"
@@ -199,7 +221,7 @@ munge_ok() { munge -n | unmunge; }
 if ! munge_ok >/dev/null 2>&1; then
     echo "starting munged"
     runuser -u munge -- munged --pid-file="$MUNGE_DIR/munged.pid" --log-file="$MUNGE_DIR/munged.log" \
-        </dev/null >>"$MUNGE_DIR/munged.out" 2>&1
+        </dev/null >>"$MUNGE_DIR/munged.out" 2>&1 9>&-
     wait_for munged 15 munge_ok
 fi
 
@@ -211,14 +233,21 @@ if [[ ! -d $DB_DIR/mysql ]]; then
     mariadb-install-db --no-defaults --datadir="$DB_DIR" --user=mysql --auth-root-authentication-method=socket \
         --skip-test-db --skip-name-resolve >"$LOG/mariadb-install.log" 2>&1
 fi
+db_launched=
 if ! pid_alive "$DB_PID" mariadbd; then
     echo "starting mariadbd on 127.0.0.1:$DB_PORT"
     setsid mariadbd --no-defaults --datadir="$DB_DIR" --socket="$DB_SOCK" --port="$DB_PORT" \
         --bind-address=127.0.0.1 --skip-name-resolve --user=mysql --pid-file="$DB_PID" \
         --log-error="$LOG/mariadb.log" --innodb-buffer-pool-size=256M --innodb-log-file-size=64M \
-        --innodb-lock-wait-timeout=900 </dev/null >>"$LOG/mariadb.out" 2>&1 &
+        --innodb-lock-wait-timeout=900 </dev/null >>"$LOG/mariadb.out" 2>&1 9>&- &
+    db_launched=$!
 fi
-wait_for "mariadbd ($DB_SOCK)" 60 mariadb-admin --no-defaults --socket="$DB_SOCK" -u root ping
+db_ready() {
+    mariadb-admin --no-defaults --socket="$DB_SOCK" -u root ping && return 0
+    [[ -z $db_launched ]] || proc_alive "$db_launched" mariadbd || return 99
+    return 1
+}
+wait_for "mariadbd ($DB_SOCK)" 60 db_ready
 mariadb --no-defaults --socket="$DB_SOCK" -u root <<EOF
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
@@ -229,7 +258,7 @@ EOF
 # ---- slurmdbd, cluster registration
 if ! pid_alive "$RUN/slurmdbd.pid" slurmdbd; then
     echo "starting slurmdbd"
-    slurmdbd </dev/null >>"$LOG/slurmdbd.out" 2>&1
+    slurmdbd </dev/null >>"$LOG/slurmdbd.out" 2>&1 9>&-
 fi
 wait_for slurmdbd 30 sacctmgr -n -P list cluster
 if ! sacctmgr -n -P list cluster format=cluster | grep -qxF "$CLUSTER"; then
@@ -239,22 +268,23 @@ fi
 # ---- slurmctld, slurmd per virtual node
 if ! pid_alive "$RUN/slurmctld.pid" slurmctld; then
     echo "starting slurmctld"
-    slurmctld </dev/null >>"$LOG/slurmctld.out" 2>&1
+    slurmctld </dev/null >>"$LOG/slurmctld.out" 2>&1 9>&-
 fi
 wait_for slurmctld 30 scontrol ping
 for n in "${NODE_LIST[@]}"; do
     if ! pid_alive "$RUN/slurmd-$n.pid" slurmd; then
         echo "starting slurmd -N $n"
         install -d -m 0755 "$STATE/slurmd/$n"
-        slurmd -N "$n" </dev/null >>"$LOG/slurmd-$n.out" 2>&1
+        slurmd -N "$n" </dev/null >>"$LOG/slurmd-$n.out" 2>&1 9>&-
     fi
 done
 
-# ---- ready: every node idle (resume any left down/drained by an earlier run), sacct answers
+# ---- ready: every node idle, or busy with jobs when the cluster was already up (resume any left
+# down/drained by an earlier run), and sacct answers
 nodes_idle() {
     local states
     states=$(sinfo -h -N -p "$PARTITION" -o '%N %t' 2>/dev/null) || return 1
-    [[ $(awk '$2 == "idle"' <<<"$states" | wc -l) -eq ${#NODE_LIST[@]} ]] && return 0
+    [[ $(awk '$2 ~ /^(idle|mix|alloc|comp)$/' <<<"$states" | wc -l) -eq ${#NODE_LIST[@]} ]] && return 0
     awk '$2 ~ /^(down|drain|drng|fail)$/ {print $1}' <<<"$states" | while read -r n; do
         scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true
     done
@@ -266,5 +296,8 @@ if ! wait_for "nodes ${NODE_LIST[*]} idle" 60 nodes_idle; then
 fi
 wait_for sacct 30 sacct -n -X -S now
 
+for f in "$SLURM_CONF" "$SLURMDBD_CONF"; do
+    install -m 0600 "$f" "$RUN/${f##*/}.applied"
+done
 echo "slurm cluster '$CLUSTER' up: ${#NODE_LIST[@]} nodes x $NODE_CPUS CPUs in partition '$PARTITION'," \
     "sacct ok (took $(elapsed)s; state and logs in $STATE)"

@@ -1,0 +1,108 @@
+"""TorchX 0.7.0's Slurm scheduler with its ``sacct`` parsing fixed.
+
+``SlurmScheduler.describe`` in torchx 0.7.0 looks sacct's whole ``State`` column up in
+``SLURM_STATES`` and asserts it is there. sacct reports a job cancelled by someone as
+``CANCELLED by <uid>``, so ``torchx status``, ``torchx run --wait`` and ``torchx log`` crash with
+``AssertionError: failed to translate slurm state CANCELLED by 0 to torchx state`` for every job
+stopped by ``scancel`` or ``torchx cancel``. (Later torchx matches the state by prefix.) It also
+leaves ``num_restarts`` at -1 although its retries are ``scontrol requeue``\\ s that sacct records.
+
+:class:`RecapSlurmScheduler` changes only ``describe``: the state is read from the first word of
+``State``, and ``num_restarts`` counts the job's ``REQUEUED`` accounting records. Everything else
+(submission, ``--max_retries``, logs, cancel) is torchx's.
+
+To use it from the ``torchx`` CLI, register it in ``pyproject.toml``. A ``torchx.schedulers``
+entry-point group with any entry *replaces* torchx's builtin schedulers, so list the builtins
+still used as well::
+
+    [project.entry-points."torchx.schedulers"]
+    slurm = "recap_app.slurm_compat:create_scheduler"
+    local_cwd = "torchx.schedulers.local_scheduler:create_scheduler"
+    kubernetes = "torchx.schedulers.kubernetes_scheduler:create_scheduler"
+
+From Python: ``Runner(name, scheduler_factories={"slurm": create_scheduler, ...})``.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from typing import Any
+
+from torchx.schedulers.api import DescribeAppResponse
+from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmScheduler
+from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
+
+
+def slurm_state(state: str) -> AppState:
+    """Map sacct's ``State`` (``COMPLETED``, ``CANCELLED by 0``, ...) to an :class:`AppState`."""
+    word = state.split(" ", 1)[0]
+    if word not in SLURM_STATES:
+        raise ValueError(f"unknown Slurm job state {state!r}")
+    return SLURM_STATES[word]
+
+
+def _is_job_record(job_id: str, app_id: str) -> bool:
+    """``app_id`` itself or one of its heterogeneous components (``123+1``), not a step (``.batch``)."""
+    return "." not in job_id and job_id.partition("+")[0] == app_id
+
+
+def parse_sacct(app_id: str, sacct_parsable2: str) -> DescribeAppResponse | None:
+    """torchx 0.7.0's ``describe`` parsing of ``sacct --parsable2 -j APP_ID``, state bug fixed."""
+    lines = sacct_parsable2.split("\n")
+    if len(lines) <= 1:
+        return None
+    roles: dict[str, Role] = {}
+    roles_statuses: dict[str, RoleStatus] = {}
+    msg = ""
+    app_state = AppState.UNKNOWN
+    for row in csv.DictReader(lines, delimiter="|"):
+        if not _is_job_record(row["JobID"], app_id):
+            continue
+        msg = row["State"]
+        app_state = slurm_state(msg)
+        # torchx names each replica's group "<role>-<replica id>"; sacct may lag behind.
+        role, _, replica_id = row["JobName"].rpartition("-")
+        if not role or not replica_id.isdigit():
+            continue
+        if role not in roles:
+            roles[role] = Role(name=role, num_replicas=0, image="")
+            roles_statuses[role] = RoleStatus(role, [])
+        roles[role].num_replicas += 1
+        roles_statuses[role].replicas.append(
+            ReplicaStatus(id=int(replica_id), role=role, state=app_state, hostname="")
+        )
+    return DescribeAppResponse(
+        app_id=app_id,
+        roles=list(roles.values()),
+        roles_statuses=list(roles_statuses.values()),
+        state=app_state,
+        msg=msg,
+    )
+
+
+def count_requeues(app_id: str, sacct_duplicates: str) -> int:
+    """Requeues of ``app_id`` in ``sacct -D -X -n -P -o JobID,State -j APP_ID`` (first component)."""
+    first = {app_id, f"{app_id}+0"}
+    records = (line.split("|") for line in sacct_duplicates.splitlines() if line.strip())
+    return sum(1 for job_id, state, *_ in records if job_id in first and state.startswith("REQUEUED"))
+
+
+class RecapSlurmScheduler(SlurmScheduler):
+    """torchx 0.7.0's ``slurm`` scheduler; ``describe`` survives cancelled jobs and counts retries."""
+
+    def describe(self, app_id: str) -> DescribeAppResponse | None:
+        out = _run(["sacct", "--parsable2", "-j", app_id])
+        resp = parse_sacct(app_id, out)
+        if resp is not None:
+            dups = _run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", app_id])
+            resp.num_restarts = count_requeues(app_id, dups)
+        return resp
+
+
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True).stdout
+
+
+def create_scheduler(session_name: str, **kwargs: Any) -> RecapSlurmScheduler:
+    return RecapSlurmScheduler(session_name=session_name)
