@@ -238,37 +238,65 @@ def load_checkpoint(
     reader = _reader(url, storage_options)
     try:
         dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
-    except Exception as e:
-        raise CheckpointMismatchError(describe_mismatch(url, state, storage_options, e)) from e
+    except (Exception, dcp.CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        lines = _mismatch_lines(url, state, storage_options)
+        if not lines:
+            raise  # keys and shapes fit (e.g. the store is unreachable): the original error says what
+        raise CheckpointMismatchError("\n".join([_mismatch_head(url, e), *lines])) from e
 
 
 def describe_mismatch(
-    url: str, state: Mapping[str, Any], storage_options: Mapping[str, Any] | None, error: Exception
+    url: str, state: Mapping[str, Any], storage_options: Mapping[str, Any] | None, error: BaseException
 ) -> str:
     """Compare the checkpoint's metadata with the state's flattened keys and shapes."""
+    lines = _mismatch_lines(url, state, storage_options)
+    if not lines:
+        return f"loading checkpoint {url} failed: {_brief(error)}"
+    return "\n".join([_mismatch_head(url, error), *lines])
+
+
+def _mismatch_head(url: str, error: BaseException) -> str:
+    return f"checkpoint {url} does not match the model config ({_brief(error)})"
+
+
+def _brief(error: BaseException) -> str:
+    """One line per failed rank for DCP's CheckpointException (its str() holds every rank's traceback)."""
+    if isinstance(error, dcp.CheckpointException):
+        causes = {f"{type(exc).__name__}: {exc}" for exc, _ in error.failures.values()}
+        return f"{type(error).__name__} on rank(s) {sorted(error.failures)}: " + " | ".join(sorted(causes))
+    return f"{type(error).__name__}: {error}"
+
+
+def _mismatch_lines(
+    url: str, state: Mapping[str, Any], storage_options: Mapping[str, Any] | None
+) -> list[str]:
+    """Keys missing from the checkpoint, checkpoint keys the state lacks (under the state's top-level
+    keys only: a warm start loads "model" from a checkpoint that also holds "optimizer"), and shape
+    differences. [] when they all fit or the metadata cannot be read."""
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
     try:
         md = _reader(url, storage_options).read_metadata()
     except Exception:
-        return f"loading checkpoint {url} failed: {error}"
+        return []
     flat, _ = flatten_state_dict(dict(state))
     saved = md.state_dict_metadata
+    loaded = tuple(f"{k}." for k in state)
     missing = sorted(k for k in flat if k not in saved)
-    unexpected = sorted(k for k in saved if k not in flat)
+    unexpected = sorted(k for k in saved if k not in flat and (k in state or k.startswith(loaded)))
     shapes = []
     for k, v in flat.items():
         size = getattr(saved.get(k), "size", None)
         if size is not None and hasattr(v, "size") and tuple(size) != tuple(v.size()):
             shapes.append(f"{k}: checkpoint {tuple(size)} vs model {tuple(v.size())}")
-    parts = [f"checkpoint {url} does not match the model config ({type(error).__name__}: {error})"]
+    parts = []
     if missing:
         parts.append(f"  missing in checkpoint: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
     if unexpected:
         parts.append(f"  not in model: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
     if shapes:
-        parts.append("  shape mismatches: " + "; ".join(shapes[:20]))
-    return "\n".join(parts)
+        parts.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:20]))
+    return parts
 
 
 def resolve_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
