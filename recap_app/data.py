@@ -890,7 +890,7 @@ def generate_data_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="example seed (same seed, same data)")
     parser.add_argument("--signal-seed", type=int, default=0, help="seed of the hidden signal")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_continuous=16")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     config = load_config(args.config, args.overrides)
     start = time.perf_counter()
     summaries = []

@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="URL for eval_metrics.json")
     parser.add_argument("--num-batches", type=int, default=0, help="batches per rank (0: config's)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     config = load_config(args.config, args.overrides)
     runtime = setup_distributed()
     try:

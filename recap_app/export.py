@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a step folder, e.g. RUN/checkpoints/step-200")
     parser.add_argument("--output", required=True, help="URL of the torch.save'd ranker state dict")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     config = load_config(args.config, args.overrides)
     url = resolve_checkpoint(args.checkpoint, config.data.storage_options)
     ranker = load_unsharded(config, url, config.data.storage_options)

@@ -424,7 +424,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="local", help="packaged config name or YAML URL")
     parser.add_argument("--output", default=None, help="run URL (overrides training.save_dir)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.num_train_steps=20")
-    return parser.parse_args(argv)
+    # Intermixed: overrides may come before, between or after the options (`x=1 --output URL y=2`).
+    return parser.parse_intermixed_args(argv)
 
 
 def load_run_config(args: argparse.Namespace) -> RecapConfig:
