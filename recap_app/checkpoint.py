@@ -26,6 +26,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
+from torch.distributed.checkpoint.planner import LoadPlan
 
 from recap_app.logs import log
 from recap_app.storage import has_scheme, join, url_to_fs
@@ -72,6 +74,16 @@ def _writer(url: str, storage_options: Mapping[str, Any] | None) -> FsspecWriter
     # fsync, and DCP then falls back to os.sync() of the whole machine per file: skip it there.
     local = not has_scheme(url) or url.startswith("file://")
     return FsspecWriter(url, sync_files=local, **dict(storage_options or {}))
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner without its torch<=2.3 guess. When a rank's state lacks some checkpoint
+    keys, as with the optimizer state of table-wise sharded tables, DCP takes the checkpoint for a
+    pre-2.4 one and re-flattens the state the old way, then fails ("Missing key in checkpoint
+    state_dict: train"). Our checkpoints are all written by torch >= 2.13."""
+
+    def create_local_plan(self) -> LoadPlan:
+        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
 
 
 def _reader(url: str, storage_options: Mapping[str, Any] | None) -> FsspecReader:
@@ -237,7 +249,9 @@ def load_checkpoint(
         raise FileNotFoundError(f"no complete checkpoint at {url} (missing {METADATA})")
     reader = _reader(url, storage_options)
     try:
-        dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
+        dcp.load(
+            state, storage_reader=reader, planner=_LoadPlanner(), process_group=process_group, no_dist=no_dist
+        )
     except (Exception, dcp.CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         lines = _mismatch_lines(url, state, storage_options)
         if not lines:
@@ -281,7 +295,8 @@ def _mismatch_lines(
         return []
     flat, _ = flatten_state_dict(dict(state))
     saved = md.state_dict_metadata
-    loaded = tuple(f"{k}." for k in state)
+    # Optimizer state of sharded tables is per rank (a table-wise table's only on its rank): not a misfit.
+    loaded = tuple(f"{k}." for k in state if k != "optimizer")
     missing = sorted(k for k in flat if k not in saved)
     unexpected = sorted(k for k in saved if k not in flat and (k in state or k.startswith(loaded)))
     shapes = []
