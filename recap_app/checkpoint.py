@@ -29,11 +29,17 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.planner import LoadPlan
 
+from recap_app import faults
 from recap_app.logs import log
 from recap_app.storage import has_scheme, join, url_to_fs
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 METADATA = ".metadata"
+
+
+# What a failed save raises: DCP reports failures on any rank as CheckpointException, on every rank, and
+# that is a BaseException, not an Exception (without it here the policy below never applied).
+SAVE_ERRORS = (Exception, dcp.CheckpointException)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -128,14 +134,24 @@ class Checkpointer:
         """
         start = time.perf_counter()
         self.wait()
-        if step in list_steps(self.root, self.storage_options)[0]:
+        faults.before_checkpoint_save(step)  # test-only hook; inert unless RECAP_FAULT_* is set
+        url = step_url(self.root, step)
+        try:
+            done = step in list_steps(self.root, self.storage_options)[0]
+        except Exception as e:  # store unreachable: the save below fails too, on every rank alike
+            log(f"cannot list {self.root} before saving step-{step}: {e!r}", level=logging.WARNING)
+            done = False
+        if done:
             log(f"checkpoint step-{step} already complete; not saving again")
             return 0.0
-        url = step_url(self.root, step)
         if self.async_save and not final:
-            self._pending = dcp.async_save(
-                state, storage_writer=_writer(url, self.storage_options), process_group=self.process_group
-            )
+            try:
+                self._pending = dcp.async_save(
+                    state, storage_writer=self._writer(url, step), process_group=self.process_group
+                )
+            except SAVE_ERRORS as e:
+                self._failed(step, e, fatal=False)
+                return time.perf_counter() - start
             self._pending_step = step
             blocked = time.perf_counter() - start
             log(f"checkpoint step-{step}: async save started to {url} (blocked {blocked:.2f}s)")
@@ -143,18 +159,16 @@ class Checkpointer:
         attempts = self.final_attempts if final else 1
         for attempt in range(1, attempts + 1):
             try:
-                dcp.save(
-                    state, storage_writer=_writer(url, self.storage_options), process_group=self.process_group
-                )
+                dcp.save(state, storage_writer=self._writer(url, step), process_group=self.process_group)
                 break
-            except Exception as e:
+            except SAVE_ERRORS as e:
                 if attempt == attempts:
                     self._failed(step, e, fatal=final)
                     return time.perf_counter() - start
                 delay = self.retry_backoff_s * 2 ** (attempt - 1)
                 log(
                     f"checkpoint save to {url} failed (attempt {attempt}/{attempts}), "
-                    f"retry in {delay:.0f}s: {e}",
+                    f"retry in {delay:.0f}s: {_brief(e)}",
                     level=logging.WARNING,
                 )
                 time.sleep(delay)
@@ -162,6 +176,9 @@ class Checkpointer:
         log(f"checkpoint step-{step}: saved to {url} in {blocked:.2f}s")
         self._succeeded()
         return blocked
+
+    def _writer(self, url: str, step: int) -> FsspecWriter:
+        return faults.wrap_checkpoint_writer(_writer(url, self.storage_options), step)
 
     def wait(self) -> None:
         """Block until the in-flight async save (if any) is durable or has failed (see the policy above)."""
@@ -172,7 +189,7 @@ class Checkpointer:
         start = time.perf_counter()
         try:
             pending.result()
-        except Exception as e:
+        except SAVE_ERRORS as e:
             self._failed(step, e, fatal=False)
             return
         log(f"checkpoint step-{step}: durable (waited {time.perf_counter() - start:.2f}s)")
@@ -183,16 +200,17 @@ class Checkpointer:
         if _rank() == 0:
             self._purge_in_background()
 
-    def _failed(self, step: int, error: Exception, *, fatal: bool) -> None:
+    def _failed(self, step: int, error: BaseException, *, fatal: bool) -> None:
         url = step_url(self.root, step)
         self.consecutive_failures += 1
         if fatal or self.consecutive_failures >= self.max_consecutive_failures:
+            why = _brief(error)
             raise CheckpointSaveError(
-                f"checkpoint save to {url} failed ({self.consecutive_failures} in a row): {error}"
+                f"checkpoint save to {url} failed ({self.consecutive_failures} in a row): {why}"
             ) from error
         log(
             f"checkpoint save to {url} failed ({self.consecutive_failures}/{self.max_consecutive_failures} "
-            f"in a row); training continues, the last complete checkpoint is intact: {error}",
+            f"in a row); training continues, the last complete checkpoint is intact: {_brief(error)}",
             level=logging.ERROR,
         )
 
@@ -224,7 +242,12 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ load
     def latest_step(self) -> int | None:
-        return latest_step(self.root, self.storage_options)
+        """The newest complete step; says which incomplete ones (interrupted saves) it passes over."""
+        complete, partial = list_steps(self.root, self.storage_options)
+        if partial:
+            names = ", ".join(f"step-{s}" for s in partial)
+            log(f"ignoring incomplete checkpoint(s) {names} (no {METADATA}: save interrupted)")
+        return complete[-1] if complete else None
 
     def load(self, step: int, state: dict[str, Any]) -> None:
         """Load step-`step` into `state` in place (optimizer state must be initialised first)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import socket
@@ -24,7 +25,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recap_app import data
+from recap_app import data, faults
 from recap_app.checkpoint import Checkpointer, load_checkpoint
 from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
 from recap_app.logs import ALL_RANKS, log, setup_logging
@@ -57,6 +58,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _restart_safe_store() -> dict[str, Any]:
+    """Under torchrun's shared agent store, init_process_group arguments that namespace it per attempt.
+
+    torch 2.13's torchrun keeps ONE TCPStore for the whole job and hands it to every restarted attempt
+    without a per-attempt prefix, so a restarted worker finds the dead attempt's process-group keys and
+    hangs in gloo's rendezvous (seen with --max_restarts after a SIGKILLed rank: init_process_group never
+    returns). TORCHELASTIC_RESTART_COUNT is the same on every worker of one agent; across several nodes
+    it can differ (pytorch#135712): multi-node jobs should launch torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt), which also turns this off.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart is None:
+        return {}
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    return {
+        "store": dist.PrefixStore(f"recap/attempt-{restart}", store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": world_size,
+    }
+
+
 def setup_distributed() -> Runtime:
     """Join the torchrun job from its environment, or form a one-process group when run directly."""
     if "RANK" not in os.environ:
@@ -73,7 +98,7 @@ def setup_distributed() -> Runtime:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **_restart_safe_store())
     # Async checkpoint saves run collectives from a background thread: they need a group of their own,
     # else they interleave with training's collectives on the default group and deadlock.
     checkpoint_group = dist.new_group(backend="gloo")
@@ -161,6 +186,13 @@ def learning_rate(step: int, cfg: LearningRateConfig) -> float:
         scale = cfg.final_fraction + (1 - cfg.final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
         return cfg.learning_rate * scale
     return cfg.learning_rate
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed the global RNG (dropout's) from (seed, rank, step) before each step, so a resumed run draws
+    the same masks as an uninterrupted one whatever consumed random numbers before (model init, eval and
+    its data loader's base seed): without it a resume was not bit-exact. CPU and CUDA generators alike."""
+    torch.manual_seed(hash((seed, rank, step)) & 0xFFFF_FFFF_FFFF_FFFF)  # int tuples hash reproducibly
 
 
 def _set_learning_rate(optimizer: KeyedOptimizerWrapper, lr: float) -> None:
@@ -303,6 +335,17 @@ class Progress:
         }
 
 
+def _write_metrics(writer: MetricsWriter | None, record: dict[str, Any]) -> None:
+    """Rank 0's metrics go to the run's storage: when it is unreachable the write is logged and training
+    goes on, as for a periodic checkpoint (the record stays queued; the next write rewrites them all)."""
+    if writer is None:
+        return
+    try:
+        writer.write(record)
+    except Exception as e:
+        log(f"metrics write to {writer.url} failed; training continues: {e!r}", level=logging.WARNING)
+
+
 def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
     """Train to training.num_train_steps, resuming from the newest complete checkpoint in save_dir."""
     tc = config.training
@@ -370,8 +413,10 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
     while step < tc.num_train_steps:
         lr = learning_rate(step, config.optimizer.dense)
         _set_learning_rate(state.dense_optimizer, lr)
+        seed_step(tc.seed, runtime.rank, step)
         outputs = pipeline.progress(batches)
         step += 1
+        faults.after_train_step(step)  # test-only hook; inert unless RECAP_FAULT_* is set
         steps_in_window += 1
         for k, v in outputs.items():
             if k == "loss" or k.startswith("loss/"):
@@ -391,8 +436,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
                 f"loss {record['loss']:.4f} lr {lr:.2e} | {record['examples_per_s']:.0f} ex/s global, "
                 f"{record['examples_per_s_per_worker']:.0f} ex/s/worker | eta {record['eta_s']:.0f}s"
             )
-            if writer:
-                writer.write(record)
+            _write_metrics(writer, record)
 
         if (tc.eval_every_n and step % tc.eval_every_n == 0) or last:
             pipeline.detach()  # the model is called directly below; progress() re-attaches it
@@ -400,8 +444,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
                 model, _eval_batches(eval_url, config, runtime), tc.num_eval_steps, config, runtime
             )
             log(f"step {step}: {_format_eval(last_eval, config)}")
-            if writer:
-                writer.write({"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+            _write_metrics(writer, {"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
 
         if (tc.checkpoint_every_n and step % tc.checkpoint_every_n == 0) or last:
             checkpointer.save(step, state.state_dict(step), final=last)
