@@ -40,6 +40,7 @@ def test_train_single_node_1x2() -> None:
     assert _flag(cmd, "--nproc_per_node") == "2"
     assert _flag(cmd, "--rdzv_endpoint") == "localhost:0"  # one node: torchrun picks a free port
     assert _flag(cmd, "--max_restarts") == "3"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env  # one node: the trainer handles restarts
     assert _flag(cmd, "--rdzv_id") == macros.app_id
     module_at = cmd.index("recap_app.train")
     assert cmd[module_at - 1] == "-m"
@@ -69,6 +70,7 @@ def test_train_multi_node_2x4_resources_env_mounts() -> None:
     assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (8, 4, 32000)
     assert role.image == "ghcr.io/x/recap:1"
     assert role.env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # a fresh rendezvous store per restart
     assert role.port_map == {"c10d": 29600}
     assert role.mounts[0].src_path == "/data"
     cmd = _command(app)

@@ -55,7 +55,14 @@ FAKE_SECRETS = {
     "GOOGLE_APPLICATION_CREDENTIALS": "/home/me/recap-test-gcp-key.json",
 }
 # Env the trainer container may carry: ours (--env, component defaults) and TorchX's own.
-ALLOWED_ENV = {"AWS_ENDPOINT_URL", "LOGLEVEL", "PYTHONUNBUFFERED", "TORCHX_JOB_ID", "TORCHX_RANK0_HOST"}
+ALLOWED_ENV = {
+    "AWS_ENDPOINT_URL",
+    "LOGLEVEL",
+    "PYTHONUNBUFFERED",
+    "TORCHX_JOB_ID",
+    "TORCHX_RANK0_HOST",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+}
 RDZV_PORT = inspect.signature(recap.train).parameters["rdzv_port"].default
 DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # The kubernetes client (36.x) on urllib3 1.26 (pinned by torchx 0.7.0) warns on every response.

@@ -52,6 +52,11 @@ def _torchrun_role(
         # The scheduler sets the rank-0 host variable (TORCHX_RANK0_HOST, SLURM_..., VC_..._HOSTS).
         rdzv_endpoint = f"$${{{macros.rank0_env}:=localhost}}:{rdzv_port}"
     role_env = dict(env or {})
+    if max_nnodes > 1:
+        # torchrun shares one rendezvous store across restart attempts; restarted workers then meet the
+        # dead attempt's keys and hang. Multi-node restart counts can differ per node (pytorch#135712),
+        # so the trainer's per-attempt prefix cannot help there: ask for a fresh store per attempt.
+        role_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     role_env.setdefault("LOGLEVEL", os.getenv("LOGLEVEL", "WARNING"))
     role_env.setdefault("PYTHONUNBUFFERED", "1")
     if debug:
