@@ -204,10 +204,12 @@ class Checkpointer:
         url = step_url(self.root, step)
         self.consecutive_failures += 1
         if fatal or self.consecutive_failures >= self.max_consecutive_failures:
-            why = _brief(error)
-            raise CheckpointSaveError(
-                f"checkpoint save to {url} failed ({self.consecutive_failures} in a row): {why}"
-            ) from error
+            how = (
+                f"final save, {self.final_attempts} attempts"
+                if fatal
+                else f"{self.consecutive_failures} periodic saves in a row"
+            )
+            raise CheckpointSaveError(f"checkpoint save to {url} failed ({how}): {_brief(error)}") from error
         log(
             f"checkpoint save to {url} failed ({self.consecutive_failures}/{self.max_consecutive_failures} "
             f"in a row); training continues, the last complete checkpoint is intact: {_brief(error)}",
