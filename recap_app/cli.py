@@ -19,7 +19,7 @@ def _commands() -> dict[str, Callable[[Sequence[str]], int]]:
         return main(argv)
 
     def generate_data(argv: Sequence[str]) -> int:
-        from recap_app.data import generate_data_main
+        from recap_app.synthetic_data import generate_data_main
 
         return generate_data_main(list(argv))
 

@@ -25,7 +25,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recap_app import data, faults
+from recap_app import data, faults, synthetic_data
 from recap_app.checkpoint import Checkpointer, load_checkpoint
 from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
 from recap_app.logs import ALL_RANKS, log, setup_logging
@@ -225,10 +225,10 @@ def ensure_synthetic_data(root: str, config: RecapConfig) -> None:
         return
     log(f"no data.train_url / data.eval_url given: generating synthetic Parquet under {root}")
     opts = config.data.storage_options
-    data.write_synthetic_dataset(
+    synthetic_data.write_synthetic_dataset(
         join(root, "train"), config, SYNTHETIC_TRAIN_EXAMPLES, seed=config.training.seed, storage_options=opts
     )
-    data.write_synthetic_dataset(
+    synthetic_data.write_synthetic_dataset(
         join(root, "eval"),
         config,
         SYNTHETIC_EVAL_EXAMPLES,

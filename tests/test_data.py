@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from recap_app import data
+from recap_app import data, synthetic_data
 from recap_app.batch import RecapBatch
 from recap_app.config import RecapConfig, load_config
 
@@ -35,7 +35,7 @@ def config() -> RecapConfig:
 def dataset(config, tmp_path_factory) -> str:
     """2000 rows in 3 files of 64-row groups: 33 row groups of uneven sizes."""
     url = str(tmp_path_factory.mktemp("ds") / "train")
-    data.write_synthetic_dataset(url, config, 2000, num_files=3, rows_per_group=64, seed=7)
+    synthetic_data.write_synthetic_dataset(url, config, 2000, num_files=3, rows_per_group=64, seed=7)
     return url
 
 
@@ -83,11 +83,11 @@ def hand_made_columns(config: RecapConfig, continuous_width: int = 4) -> dict:
 
 # ------------------------------------------------------------------------------------------ generator
 def test_same_seed_same_content_any_layout_and_stale_parts_removed(config, tmp_path):
-    a = data.write_synthetic_dataset(str(tmp_path / "a"), config, 3000, num_files=3, seed=1)
-    b = data.write_synthetic_dataset(
+    a = synthetic_data.write_synthetic_dataset(str(tmp_path / "a"), config, 3000, num_files=3, seed=1)
+    b = synthetic_data.write_synthetic_dataset(
         str(tmp_path / "b"), config, 3000, num_files=1, rows_per_group=100, seed=1
     )
-    c = data.write_synthetic_dataset(str(tmp_path / "c"), config, 3000, num_files=3, seed=2)
+    c = synthetic_data.write_synthetic_dataset(str(tmp_path / "c"), config, 3000, num_files=3, seed=2)
     assert [p.rsplit("/", 1)[-1] for p in a] == [
         "part-00000.parquet",
         "part-00001.parquet",
@@ -98,7 +98,7 @@ def test_same_seed_same_content_any_layout_and_stale_parts_removed(config, tmp_p
     assert content(table["a"]) == content(table["b"])
     assert content(table["a"]) != content(table["c"])
     # Same seed again, into the first place, with fewer files: identical rows, no stale parts.
-    again = data.write_synthetic_dataset(str(tmp_path / "a"), config, 3000, num_files=1, seed=1)
+    again = synthetic_data.write_synthetic_dataset(str(tmp_path / "a"), config, 3000, num_files=1, seed=1)
     assert data.list_parquet_files(str(tmp_path / "a")) == again
     assert content(pq.read_table(again[0])) == content(table["a"])
 
@@ -118,7 +118,7 @@ def content(table: pa.Table) -> dict[str, bytes]:
 
 def test_generated_data_is_in_range_and_learnable(tmp_path):
     config = load_config("local")
-    data.write_synthetic_dataset(str(tmp_path), config, 20_000, num_files=1, seed=3)
+    synthetic_data.write_synthetic_dataset(str(tmp_path), config, 20_000, num_files=1, seed=3)
     (b,) = data.ParquetBatchReader(str(tmp_path), config, 20_000, 0, 1, repeat=False)
     rates = b.labels.mean(0).numpy()
     assert ((rates > 0.04) & (rates < 0.45)).all(), rates
@@ -174,7 +174,7 @@ def test_reader_batches_train_the_ranker(config, dataset):
 
 
 def test_generate_data_main(tmp_path):
-    rc = data.generate_data_main(
+    rc = synthetic_data.generate_data_main(
         ["--output", f"file://{tmp_path}", "--num-examples", "600", "--num-eval-examples", "300"]
         + ["--num-files", "2", "--rows-per-group", "100", "data.num_continuous=3", "data.num_binary=0"]
     )
@@ -390,7 +390,7 @@ def s3(request):
 def test_s3_write_list_and_sharded_read_in_worker_processes(config, s3):
     opts = s3.storage_options
     url = s3.url(f"data-test-{uuid.uuid4().hex[:8]}")
-    files = data.write_synthetic_dataset(
+    files = synthetic_data.write_synthetic_dataset(
         url, config, 600, num_files=2, rows_per_group=50, seed=4, storage_options=opts
     )
     assert files == [f"{url}/part-00000.parquet", f"{url}/part-00001.parquet"]
