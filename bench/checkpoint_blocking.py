@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 from recap_app.checkpoint import Checkpointer
 from recap_app.config import load_config
+from recap_app.distributed import setup_distributed
 from recap_app.logs import log, setup_logging
 from recap_app.storage import url_to_fs
-from recap_app.train import build, setup_distributed
+from recap_app.train import build
 
 REPEATS = 3
 

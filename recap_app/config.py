@@ -167,6 +167,14 @@ class DataConfig(StrictModel):
     # Options passed to the fsspec filesystem (endpoints, anon, ...). Credentials belong in the env.
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
+    def per_rank_batch_size(self, world_size: int) -> int:
+        if self.global_batch_size % world_size:
+            raise ValueError(
+                f"data.global_batch_size={self.global_batch_size} must be divisible by the world size "
+                f"{world_size}"
+            )
+        return self.global_batch_size // world_size
+
 
 # ------------------------------------------------------------------------------------------- optimizer
 class LearningRateConfig(StrictModel):

@@ -10,9 +10,11 @@ import torch.distributed as dist
 
 from recap_app.checkpoint import load_checkpoint, resolve_checkpoint
 from recap_app.config import load_config
+from recap_app.distributed import setup_distributed
+from recap_app.evaluation import eval_batches, evaluate, format_eval
 from recap_app.logs import log, setup_logging
 from recap_app.storage import join, url_to_fs
-from recap_app.train import _eval_batches, _format_eval, build, evaluate, setup_distributed
+from recap_app.train import build
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,9 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         state.model.load_state_dict(ckpt["model"])
         num_batches = args.num_batches or config.training.num_eval_steps
         metrics = evaluate(
-            state.model, _eval_batches(args.data, config, runtime), num_batches, config, runtime
+            state.model, eval_batches(args.data, config, runtime), num_batches, config, runtime
         )
-        log(f"{ckpt_url}: {_format_eval(metrics, config)}")
+        log(f"{ckpt_url}: {format_eval(metrics, config)}")
         if runtime.rank == 0:
             out = join(args.output, "eval_metrics.json")
             fs, path = url_to_fs(out, opts)

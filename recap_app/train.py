@@ -10,10 +10,8 @@ import argparse
 import json
 import logging
 import math
-import os
-import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +26,11 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from recap_app import data, faults, synthetic_data
 from recap_app.checkpoint import Checkpointer, load_checkpoint
 from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
+from recap_app.distributed import Runtime, setup_distributed
+from recap_app.evaluation import eval_batches, evaluate, format_eval
 from recap_app.logs import ALL_RANKS, log, setup_logging
 from recap_app.loss import build_multi_task_loss
-from recap_app.metrics import MetricsWriter, task_metrics
+from recap_app.metrics import MetricsWriter
 from recap_app.model import ModelAndLoss, embedding_weights, log_sharded_tensor_content, maybe_shard_model
 from recap_app.ranker import RecapRanker
 from recap_app.storage import join, redact, url_to_fs
@@ -40,69 +40,6 @@ _SPARSE_OPTIMIZERS: dict[SparseOptimizerType, type[torch.optim.Optimizer]] = {
     SparseOptimizerType.ADAGRAD: torch.optim.Adagrad,
     SparseOptimizerType.ROWWISE_ADAGRAD: RowWiseAdagrad,
 }
-
-
-# ------------------------------------------------------------------------------------------------ setup
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int
-    world_size: int
-    # A gloo group for checkpoint collectives only (see setup_distributed).
-    checkpoint_group: dist.ProcessGroup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _restart_safe_store() -> dict[str, Any]:
-    """Under torchrun's shared agent store, init_process_group arguments that namespace it per attempt.
-
-    torch 2.13's torchrun keeps ONE TCPStore for the whole job and hands it to every restarted attempt
-    without a per-attempt prefix, so a restarted worker finds the dead attempt's process-group keys and
-    hangs in gloo's rendezvous (seen with --max_restarts after a SIGKILLed rank: init_process_group never
-    returns). TORCHELASTIC_RESTART_COUNT is the same on every worker of one agent; across several nodes
-    it can differ (pytorch#135712): multi-node jobs should launch torchrun with
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt), which also turns this off.
-    """
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart is None:
-        return {}
-    world_size = int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
-    )
-    return {
-        "store": dist.PrefixStore(f"recap/attempt-{restart}", store),
-        "rank": int(os.environ["RANK"]),
-        "world_size": world_size,
-    }
-
-
-def setup_distributed() -> Runtime:
-    """Join the torchrun job from its environment, or form a one-process group when run directly."""
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
-        )
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, **_restart_safe_store())
-    # Async checkpoint saves run collectives from a background thread: they need a group of their own,
-    # else they interleave with training's collectives on the default group and deadlock.
-    checkpoint_group = dist.new_group(backend="gloo")
-    return Runtime(device, dist.get_rank(), dist.get_world_size(), checkpoint_group)
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -150,7 +87,7 @@ def build(config: RecapConfig, runtime: Runtime) -> TrainState:
         runtime.device,
         sharding_constraints=constraints,
         use_row_wise_cpu_sharder=config.training.use_row_wise_cpu_sharder,
-        batch_size=per_rank_batch_size(config, runtime.world_size),
+        batch_size=config.data.per_rank_batch_size(runtime.world_size),
     )
     adam = config.optimizer.adam
     # Data-parallel tables lose their in-backward optimizer when sharded: the dense optimizer takes them.
@@ -166,15 +103,6 @@ def build(config: RecapConfig, runtime: Runtime) -> TrainState:
     )
     optimizer = CombinedOptimizer([model.fused_optimizer, dense_optimizer])
     return TrainState(model, optimizer, dense_optimizer)
-
-
-def per_rank_batch_size(config: RecapConfig, world_size: int) -> int:
-    if config.data.global_batch_size % world_size:
-        raise ValueError(
-            f"data.global_batch_size={config.data.global_batch_size} must be divisible by the "
-            f"world size {world_size}"
-        )
-    return config.data.global_batch_size // world_size
 
 
 def learning_rate(step: int, cfg: LearningRateConfig) -> float:
@@ -237,64 +165,6 @@ def ensure_synthetic_data(root: str, config: RecapConfig) -> None:
     )
     with fs.open(marker_path, "w") as f:
         f.write("ok\n")
-
-
-# ----------------------------------------------------------------------------------------------- eval
-def evaluate(
-    model: torch.nn.Module,
-    batches: Iterator[Any],
-    num_batches: int,
-    config: RecapConfig,
-    runtime: Runtime,
-) -> dict[str, float]:
-    """Score num_batches batches per rank; gather to every rank; per-task AUROC, RCE and loss."""
-    was_training = model.training
-    model.eval()
-    probs, labels, weights, losses = [], [], [], []
-    with torch.no_grad():
-        for _ in range(num_batches):
-            batch = next(batches).to(runtime.device)
-            loss, out = model(batch)
-            probs.append(out["probabilities"].float())
-            labels.append(out["labels"].float())
-            weights.append(out["weights"].float())
-            losses.append(loss.detach().float())
-    model.train(was_training)
-    local = torch.cat([torch.cat(probs), torch.cat(labels), torch.cat(weights)], dim=1).to(runtime.device)
-    gathered = [torch.empty_like(local) for _ in range(runtime.world_size)]
-    dist.all_gather(gathered, local)
-    every = torch.cat(gathered).cpu()
-    t = len(config.task_names)
-    metrics = task_metrics(every[:, :t], every[:, t : 2 * t], every[:, 2 * t :], config.task_names)
-    mean_loss = torch.stack(losses).mean().to(runtime.device)
-    dist.all_reduce(mean_loss)
-    metrics["loss"] = float(mean_loss) / runtime.world_size
-    metrics["examples"] = int(every.shape[0])
-    return metrics
-
-
-def _eval_batches(url: str, config: RecapConfig, runtime: Runtime) -> Iterator[Any]:
-    loader = data.make_dataloader(
-        url,
-        config,
-        per_rank_batch_size(config, runtime.world_size),
-        runtime.rank,
-        runtime.world_size,
-        num_workers=0,
-        repeat=True,
-        storage_options=config.data.storage_options,
-    )
-    return iter(loader)
-
-
-def _format_eval(metrics: dict[str, float], config: RecapConfig) -> str:
-    main = config.task_names[0]
-    parts = [f"eval loss {metrics['loss']:.4f} on {metrics['examples']} examples"]
-    parts += [
-        f"{name.rsplit('.', 1)[-1]}: auroc {metrics[f'auroc/{name}']:.4f} rce {metrics[f'rce/{name}']:.2f}"
-        for name in config.task_names
-    ]
-    return f"[{main} is the main task] " + " | ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -377,7 +247,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         model.load_state_dict(ckpt["model"])
         log(f"warm start: model weights from {tc.initial_checkpoint} (optimizer and step fresh)")
 
-    per_rank = per_rank_batch_size(config, runtime.world_size)
+    per_rank = config.data.per_rank_batch_size(runtime.world_size)
     writer = (
         MetricsWriter(save_dir, config.data.storage_options, resume_step=step) if runtime.rank == 0 else None
     )
@@ -441,9 +311,9 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         if (tc.eval_every_n and step % tc.eval_every_n == 0) or last:
             pipeline.detach()  # the model is called directly below; progress() re-attaches it
             last_eval = evaluate(
-                model, _eval_batches(eval_url, config, runtime), tc.num_eval_steps, config, runtime
+                model, eval_batches(eval_url, config, runtime), tc.num_eval_steps, config, runtime
             )
-            log(f"step {step}: {_format_eval(last_eval, config)}")
+            log(f"step {step}: {format_eval(last_eval, config)}")
             _write_metrics(writer, {"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
 
         if (tc.checkpoint_every_n and step % tc.checkpoint_every_n == 0) or last:
