@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 # The venv's bin on PATH: TorchX's local scheduler runs `torchrun` by name.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 EXTRAS ?= cpu,test,s3,gcs,azure,kubernetes
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 OUTPUT ?= runs/recap-local
 
 .PHONY: install test test-cluster train lint
