@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -25,6 +24,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan,
 from torchrec.streamable import Pipelineable
 
 from recap_app.logs import ALL_RANKS, log
+from recap_app.storage import url_to_fs
 
 LossOutput = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -265,7 +265,7 @@ def save_embedding_table(
     url = _table_url(output_url, table_name)
     buf = io.BytesIO()
     np.save(buf, table.detach().cpu().float().numpy())
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = url_to_fs(url, storage_options)
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(buf.getvalue())
@@ -278,7 +278,8 @@ def load_embedding_table(
 ) -> torch.Tensor:
     """Read a table written by `log_sharded_tensor_content(..., output_url=...)` as a [rows, dim] tensor."""
     url = _table_url(output_url, table_name)
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+    fs, path = url_to_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
         return torch.from_numpy(np.load(io.BytesIO(f.read())))
 
 
