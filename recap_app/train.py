@@ -304,7 +304,8 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
             log(
                 f"step {step}/{tc.num_train_steps} ({100 * step / tc.num_train_steps:.0f}%) "
                 f"loss {record['loss']:.4f} lr {lr:.2e} | {record['examples_per_s']:.0f} ex/s global, "
-                f"{record['examples_per_s_per_worker']:.0f} ex/s/worker | eta {record['eta_s']:.0f}s"
+                f"{record['examples_per_s_per_worker']:.0f} ex/s/worker | eta {record['eta_s']:.0f}s | "
+                + " ".join(f"{t.rsplit('.', 1)[-1]} {record[f'loss/{t}']:.4f}" for t in config.task_names)
             )
             _write_metrics(writer, record)
 
