@@ -14,6 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+class ConfigError(ValueError):
+    """A config that cannot be used: not found, not YAML, a bad override or a failed validation."""
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
@@ -257,12 +261,15 @@ def _read_yaml(config: str) -> dict[str, Any]:
             with fsspec.open(config, "r") as f:
                 text = f.read()
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"config {config!r} not found (packaged configs: {', '.join(PACKAGED_CONFIGS)})"
             ) from e
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {config!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config {config!r} must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"config {config!r} must be a YAML mapping, got {type(data).__name__}")
     return data
 
 
@@ -270,17 +277,20 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply `a.b.c=value` (value parsed as YAML) in place. Task names may contain dots: quote them
     in brackets, e.g. `model.tasks[recap.engagement.is_replied].pos_weight=2`."""
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key.path=value")
+        raise ConfigError(f"override {override!r} must look like key.path=value")
     key, raw = override.split("=", 1)
     parts = _split_key(key.strip())
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict):
-            raise ValueError(f"override {override!r}: {'.'.join(parts[:i])} is not a mapping")
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:i])} is not a mapping")
         node = node.setdefault(part, {})
     if not isinstance(node, dict):
-        raise ValueError(f"override {override!r}: {'.'.join(parts[:-1])} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(raw)
+        raise ConfigError(f"override {override!r}: {'.'.join(parts[:-1])} is not a mapping")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({e.problem})") from None
 
 
 def _split_key(key: str) -> list[str]:
@@ -308,7 +318,7 @@ def _split_key(key: str) -> list[str]:
     if buf:
         parts.append(buf)
     if not parts or any(p == "" for p in parts):
-        raise ValueError(f"bad override key {key!r}")
+        raise ConfigError(f"bad override key {key!r}")
     return parts
 
 
@@ -324,4 +334,12 @@ def load_config(config: str = "local", overrides: list[str] | tuple[str, ...] = 
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {where}: {err['msg']}")
-        raise ValueError("\n".join(lines)) from None
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config_or_exit(config: str, overrides: list[str] | tuple[str, ...] = ()) -> RecapConfig:
+    """`load_config` for command-line mains: a bad config ends the process with the message alone."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"recap: error: {e}") from None

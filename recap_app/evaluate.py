@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch.distributed as dist
 
 from recap_app.checkpoint import load_checkpoint, resolve_checkpoint
-from recap_app.config import load_config
+from recap_app.config import load_config_or_exit
 from recap_app.distributed import setup_distributed
 from recap_app.evaluation import eval_batches, evaluate, format_eval
 from recap_app.logs import log, setup_logging
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-batches", type=int, default=0, help="batches per rank (0: config's)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
-    config = load_config(args.config, args.overrides)
+    config = load_config_or_exit(args.config, args.overrides)
     runtime = setup_distributed()
     try:
         opts = config.data.storage_options

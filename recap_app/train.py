@@ -25,7 +25,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recap_app import data, faults, synthetic_data
 from recap_app.checkpoint import Checkpointer, load_checkpoint
-from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
+from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config_or_exit
 from recap_app.distributed import Runtime, setup_distributed
 from recap_app.evaluation import eval_batches, evaluate, format_eval
 from recap_app.logs import ALL_RANKS, log, setup_logging
@@ -343,7 +343,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_run_config(args: argparse.Namespace) -> RecapConfig:
-    config = load_config(args.config, args.overrides)
+    config = load_config_or_exit(args.config, args.overrides)
     if args.output:
         config.training.save_dir = args.output
     return config

@@ -131,3 +131,16 @@ def test_repo_torchxconfig_makes_plain_run_work(tmp_path: Path) -> None:
     assert "recap_app.train" in text
     assert "--nproc_per_node 2" in text
     assert os.path.join(str(REPO), "runs/recap-local") in text
+
+
+def test_bad_config_ends_with_the_message_alone(tmp_path: Path) -> None:
+    recap = str(Path(sys.executable).parent / "recap")
+    for args, message in (
+        (["train", "training.bogus=1"], "training.bogus: Extra inputs are not permitted"),
+        (["train", "--config", "nope.yaml"], "config 'nope.yaml' not found"),
+        (["generate-data", "--output", str(tmp_path), "model.tasks=[1"], "the value is not valid YAML"),
+    ):
+        out = subprocess.run([recap, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, out.stderr
+        assert "recap: error:" in out.stderr and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
