@@ -22,6 +22,12 @@ _SECRET_KEY = re.compile(
     r"(secret|token|password|passwd|credential|account_key|sas|connection_string|key_id)", re.IGNORECASE
 )
 REDACTED = "***"
+# Secrets inside values: a URL's password (scheme://user:PASSWORD@host) and key=value pairs of
+# connection strings (AccountKey=...;SharedAccessSignature=...).
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s/]+@")
+_SECRET_PAIR = re.compile(
+    r"((?:AccountKey|SharedAccessSignature|SharedAccessKey|Password|sig)=)[^;&\s]+", re.I
+)
 
 
 def has_scheme(url: str) -> bool:
@@ -110,9 +116,12 @@ def join(url: str, *parts: str) -> str:
 
 
 def redact(value: Any) -> Any:
-    """A copy of a config-like structure with secret-looking keys' values replaced by ***."""
+    """A copy of a config-like structure with secret-looking keys' values replaced by ***, and URL
+    passwords and connection-string keys inside any string value masked."""
     if isinstance(value, Mapping):
         return {k: (REDACTED if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        return _SECRET_PAIR.sub(rf"\1{REDACTED}", _URL_PASSWORD.sub(rf"\1{REDACTED}@", value))
     return value

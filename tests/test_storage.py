@@ -245,3 +245,20 @@ def teardown_module(module):
     if SAVE_SECONDS:
         times = ", ".join(f"{k}={a:.2f}/{b:.2f}" for k, (a, b) in SAVE_SECONDS.items())
         print(f"\nsmall DCP save, seconds (first/second in process): {times}")
+
+
+def test_redact_masks_secrets_inside_values():
+    red = storage.redact(
+        {
+            "conn": "DefaultEndpointsProtocol=http;AccountName=dev;AccountKey=abc+/=;BlobEndpoint=http://h",
+            "endpoint": "https://user:pa55@minio:9000/bucket",
+            "links": ["https://acct.blob.core.windows.net/c?sv=2024&sig=S3CRET&se=2027"],
+            "train_url": "s3://bucket/data/train",
+        }
+    )
+    assert red == {
+        "conn": "DefaultEndpointsProtocol=http;AccountName=dev;AccountKey=***;BlobEndpoint=http://h",
+        "endpoint": "https://user:***@minio:9000/bucket",
+        "links": ["https://acct.blob.core.windows.net/c?sv=2024&sig=***&se=2027"],
+        "train_url": "s3://bucket/data/train",
+    }
