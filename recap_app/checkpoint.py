@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
@@ -31,7 +32,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 
 from recap_app import faults
 from recap_app.logs import log
-from recap_app.storage import has_scheme, join, url_to_fs
+from recap_app.storage import exists, has_scheme, join, url_to_fs
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 METADATA = ".metadata"
@@ -269,8 +270,7 @@ def load_checkpoint(
     no_dist: bool = False,
 ) -> None:
     """DCP-load `url` into `state` in place; a checkpoint that does not fit names the mismatched keys."""
-    fs, path = url_to_fs(url, storage_options)
-    if not fs.exists(f"{path.rstrip('/')}/{METADATA}"):
+    if not exists(join(url, METADATA), storage_options):
         raise FileNotFoundError(f"no complete checkpoint at {url} (missing {METADATA})")
     reader = _reader(url, storage_options)
     try:
@@ -282,6 +282,20 @@ def load_checkpoint(
         if not lines:
             raise  # keys and shapes fit (e.g. the store is unreachable): the original error says what
         raise CheckpointMismatchError("\n".join([_mismatch_head(url, e), *lines])) from e
+
+
+def load_model_weights(
+    model: torch.nn.Module,
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    *,
+    no_dist: bool = False,
+) -> None:
+    """Load only the "model" entry of a checkpoint into `model` (warm start, evaluation, export)."""
+    state = {"model": model.state_dict()}
+    load_checkpoint(url, state, storage_options, process_group, no_dist=no_dist)
+    model.load_state_dict(state["model"])
 
 
 def describe_mismatch(
@@ -341,8 +355,7 @@ def _mismatch_lines(
 
 def resolve_checkpoint(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """A step folder as given, or the newest complete step under a run or checkpoints URL."""
-    fs, path = url_to_fs(join(url, METADATA), storage_options)
-    if fs.exists(path):
+    if exists(join(url, METADATA), storage_options):
         return url
     for root in (join(url, "checkpoints"), url):
         step = latest_step(root, storage_options)

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 
-from recap_app.checkpoint import load_checkpoint, resolve_checkpoint
+from recap_app.checkpoint import load_model_weights, resolve_checkpoint
 from recap_app.config import load_config_or_exit
 from recap_app.distributed import setup_distributed
 from recap_app.evaluation import eval_batches, evaluate, format_eval
 from recap_app.logs import log, setup_logging
-from recap_app.storage import join, url_to_fs
+from recap_app.storage import join, write
 from recap_app.train import build
 
 
@@ -33,9 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = config.data.storage_options
         ckpt_url = resolve_checkpoint(args.checkpoint, opts)
         state = build(config, runtime)
-        ckpt = {"model": state.model.state_dict()}
-        load_checkpoint(ckpt_url, ckpt, opts, runtime.checkpoint_group)
-        state.model.load_state_dict(ckpt["model"])
+        load_model_weights(state.model, ckpt_url, opts, runtime.checkpoint_group)
         num_batches = args.num_batches or config.training.num_eval_steps
         metrics = evaluate(
             state.model, eval_batches(args.data, config, runtime), num_batches, config, runtime
@@ -43,10 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"{ckpt_url}: {format_eval(metrics, config)}")
         if runtime.rank == 0:
             out = join(args.output, "eval_metrics.json")
-            fs, path = url_to_fs(out, opts)
-            fs.makedirs(fs._parent(path), exist_ok=True)
-            with fs.open(path, "w") as f:
-                json.dump({"checkpoint": ckpt_url, "data": args.data, **metrics}, f, indent=2, sort_keys=True)
+            report = {"checkpoint": ckpt_url, "data": args.data, **metrics}
+            write(out, json.dumps(report, indent=2, sort_keys=True), opts)
             log(f"wrote {out}")
     finally:
         dist.destroy_process_group()

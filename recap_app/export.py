@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from recap_app.checkpoint import load_checkpoint, resolve_checkpoint
+from recap_app.checkpoint import load_model_weights, resolve_checkpoint
 from recap_app.config import RecapConfig, load_config_or_exit
 from recap_app.logs import log, setup_logging
 from recap_app.loss import build_multi_task_loss
 from recap_app.model import ModelAndLoss
 from recap_app.ranker import RecapRanker
-from recap_app.storage import url_to_fs
+from recap_app.storage import write
 
 
 def load_unsharded(
@@ -29,9 +29,7 @@ def load_unsharded(
     ranker = RecapRanker(config.model, config.data.num_continuous, config.data.num_binary)
     # Same module tree as in training so the checkpoint's keys (model.<ranker keys>) line up.
     wrapped = ModelAndLoss(ranker, build_multi_task_loss(config.task_names))
-    state = {"model": wrapped.state_dict()}
-    load_checkpoint(checkpoint_url, state, storage_options, no_dist=True)
-    wrapped.load_state_dict(state["model"])
+    load_model_weights(wrapped, checkpoint_url, storage_options, no_dist=True)
     return ranker.eval()
 
 
@@ -48,10 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranker = load_unsharded(config, url, config.data.storage_options)
     buf = io.BytesIO()
     torch.save(ranker.state_dict(), buf)
-    fs, path = url_to_fs(args.output, config.data.storage_options)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
+    write(args.output, buf.getvalue(), config.data.storage_options)
     params = sum(t.numel() for t in ranker.state_dict().values())
     log(f"exported {url} -> {args.output} ({params} values, {len(buf.getvalue()) / 1e6:.1f} MB)")
     return 0

@@ -15,7 +15,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from recap_app.logs import log
-from recap_app.storage import has_scheme, join, url_to_fs
+from recap_app.storage import has_scheme, join, url_to_fs, write
 
 _EPS = 1e-7
 
@@ -51,6 +51,15 @@ def task_metrics(
     return out
 
 
+def read_metrics(url: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when it does not exist yet)."""
+    fs, path = url_to_fs(url, storage_options)
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "r") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class MetricsWriter:
     """Rank 0's sink: `{output}/metrics.jsonl` through fsspec (rewritten whole, since object stores cannot
     append) and TensorBoard event files under `{output}/tensorboard/` for local outputs."""
@@ -60,7 +69,9 @@ class MetricsWriter:
     ) -> None:
         self.url = join(output_url, "metrics.jsonl")
         self.storage_options = dict(storage_options or {})
-        self.records = [r for r in self._read_existing() if r.get("step", 0) <= resume_step]
+        self.records = [
+            r for r in read_metrics(self.url, self.storage_options) if r.get("step", 0) <= resume_step
+        ]
         self.tensorboard = None
         tb_url = join(output_url, "tensorboard")
         if not has_scheme(output_url) or output_url.startswith("file://"):
@@ -70,20 +81,14 @@ class MetricsWriter:
         else:
             log(f"TensorBoard events are written for local outputs only; metrics stay in {self.url}")
 
-    def _read_existing(self) -> list[dict[str, Any]]:
-        fs, path = url_to_fs(self.url, self.storage_options)
-        if not fs.exists(path):
-            return []
-        with fs.open(path, "r") as f:
-            return [json.loads(line) for line in f if line.strip()]
-
     def write(self, record: Mapping[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.records.append(clean)
-        fs, path = url_to_fs(self.url, self.storage_options)
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        write(
+            self.url,
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records),
+            self.storage_options,
+        )
         if self.tensorboard is not None:
             step = int(record["step"])
             for k, v in record.items():

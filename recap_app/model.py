@@ -24,7 +24,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan,
 from torchrec.streamable import Pipelineable
 
 from recap_app.logs import ALL_RANKS, log
-from recap_app.storage import url_to_fs
+from recap_app.storage import url_to_fs, write
 
 LossOutput = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -265,10 +265,7 @@ def save_embedding_table(
     url = _table_url(output_url, table_name)
     buf = io.BytesIO()
     np.save(buf, table.detach().cpu().float().numpy())
-    fs, path = url_to_fs(url, storage_options)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
+    write(url, buf.getvalue(), storage_options)
     log(f"  wrote {url}")
     return url
 

@@ -71,6 +71,15 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     return fs.exists(path)
 
 
+def write(url: str, content: bytes | str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write a whole file (text as UTF-8), creating its parent folder where the backend has folders.
+    One PUT on object stores, so readers never see half a file there."""
+    fs, path = url_to_fs(url, storage_options)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+
+
 def ls(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Entries directly under `url`, as URLs of the same kind (fsspec's own `ls` drops the scheme, and
     a bare "bucket/key" path cannot be passed back to `url_to_fs`). Sorted; [] for a missing dir."""

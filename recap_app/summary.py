@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 
 from recap_app.checkpoint import list_steps
-from recap_app.storage import join, url_to_fs
+from recap_app.metrics import read_metrics
+from recap_app.storage import join, ls
 
 
 def summarize(run_url: str) -> str:
     lines = [f"run: {run_url}"]
     complete, partial = list_steps(join(run_url, "checkpoints"))
     lines.append(f"  checkpoints/: complete steps {complete}" + (f", partial {partial}" if partial else ""))
-    fs, emb = url_to_fs(join(run_url, "embeddings"))
-    if fs.exists(emb):
-        for step_dir in sorted(fs.ls(emb, detail=False)):
-            tables = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(step_dir, detail=False))
-            lines.append(f"  embeddings/{step_dir.rstrip('/').rsplit('/', 1)[-1]}/: {', '.join(tables)}")
-    fs, metrics = url_to_fs(join(run_url, "metrics.jsonl"))
-    if fs.exists(metrics):
-        with fs.open(metrics, "r") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+    for step_dir in ls(join(run_url, "embeddings")):
+        tables = [p.rsplit("/", 1)[-1] for p in ls(step_dir)]
+        lines.append(f"  embeddings/{step_dir.rsplit('/', 1)[-1]}/: {', '.join(tables)}")
+    records = read_metrics(join(run_url, "metrics.jsonl"))
+    if records:
         train = [r for r in records if "loss" in r]
         evals = [r for r in records if "eval/loss" in r]
         lines.append(f"  metrics.jsonl: {len(records)} records")

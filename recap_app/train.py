@@ -24,7 +24,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recap_app import data, faults, synthetic_data
-from recap_app.checkpoint import Checkpointer, load_checkpoint
+from recap_app.checkpoint import Checkpointer, load_model_weights
 from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config_or_exit
 from recap_app.distributed import Runtime, setup_distributed
 from recap_app.evaluation import eval_batches, evaluate, format_eval
@@ -33,7 +33,7 @@ from recap_app.loss import build_multi_task_loss
 from recap_app.metrics import MetricsWriter
 from recap_app.model import ModelAndLoss, embedding_weights, log_sharded_tensor_content, maybe_shard_model
 from recap_app.ranker import RecapRanker
-from recap_app.storage import join, redact, url_to_fs
+from recap_app.storage import exists, join, redact, write
 
 _SPARSE_OPTIMIZERS: dict[SparseOptimizerType, type[torch.optim.Optimizer]] = {
     SparseOptimizerType.SGD: torch.optim.SGD,
@@ -148,8 +148,7 @@ SYNTHETIC_EVAL_EXAMPLES = 16_384
 def ensure_synthetic_data(root: str, config: RecapConfig) -> None:
     """Generate the embedded default dataset once; `_SUCCESS` marks it complete."""
     marker = join(root, "_SUCCESS")
-    fs, marker_path = url_to_fs(marker, config.data.storage_options)
-    if fs.exists(marker_path):
+    if exists(marker, config.data.storage_options):
         return
     log(f"no data.train_url / data.eval_url given: generating synthetic Parquet under {root}")
     opts = config.data.storage_options
@@ -163,8 +162,7 @@ def ensure_synthetic_data(root: str, config: RecapConfig) -> None:
         seed=config.training.seed + 1,
         storage_options=opts,
     )
-    with fs.open(marker_path, "w") as f:
-        f.write("ok\n")
+    write(marker, "ok\n", opts)
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -242,9 +240,9 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         step = int(ckpt["train"]["step"])
         log(f"resumed from {join(checkpointer.root, f'step-{resume}')} at step {step}")
     elif tc.initial_checkpoint:
-        ckpt = {"model": model.state_dict()}
-        load_checkpoint(tc.initial_checkpoint, ckpt, config.data.storage_options, runtime.checkpoint_group)
-        model.load_state_dict(ckpt["model"])
+        load_model_weights(
+            model, tc.initial_checkpoint, config.data.storage_options, runtime.checkpoint_group
+        )
         log(f"warm start: model weights from {tc.initial_checkpoint} (optimizer and step fresh)")
 
     per_rank = config.data.per_rank_batch_size(runtime.world_size)
