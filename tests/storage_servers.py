@@ -281,27 +281,41 @@ class StorageServer:
 
 
 class MotoS3Server(StorageServer):
-    """moto_server. moto keeps state in memory only; with ``persistent`` (default) it records every
-    request to a file and replays the recording after a restart, so objects survive stop()/start()."""
+    """moto_server (launched through this module, see ``_run_moto_server``). moto keeps state in memory
+    only; it records every request to a file and replays the recording after a restart, so objects
+    survive stop()/start()."""
 
     name = "s3"
     scheme = "s3"
     persistent = True
 
     def command(self):
-        return [str(_BIN / "moto_server"), "-H", HOST, "-p", str(self.port)]
+        return [sys.executable, __file__, "s3-emulator", "-H", HOST, "-p", str(self.port)]
 
     def child_env(self):
         env = dict(os.environ)
-        env.update(MOTO_ENABLE_RECORDING="True", MOTO_RECORDER_FILEPATH=str(self.workdir / "recording.jsonl"))
+        env.update(MOTO_ENABLE_RECORDING="True", MOTO_RECORDER_FILEPATH=str(self.recording))
         return env
 
     def is_ready(self):
         status, _ = _http("GET", f"{self.endpoint}/moto-api/data.json", timeout=2)
         return status == 200
 
+    @property
+    def recording(self) -> Path:
+        return self.workdir / "recording.jsonl"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop, then drop a line the kill left half-written (a request being recorded when the server
+        died; its client got no answer), which would otherwise run into the next start's first line."""
+        super().stop(timeout)
+        if self.recording.exists():
+            text = self.recording.read_bytes()
+            if text and not text.endswith(b"\n"):
+                self.recording.write_bytes(text[: text.rfind(b"\n") + 1])
+
     def after_start(self, first):
-        if not first and (self.workdir / "recording.jsonl").exists():
+        if not first and self.recording.exists():
             status, body = _http("POST", f"{self.endpoint}/moto-api/recorder/replay-recording", timeout=60)
             if status != 200:
                 raise ServerError(f"moto replay failed ({status}): {body[:500]!r}\n{self.log_tail()}")
@@ -535,5 +549,40 @@ def _run_gcs_emulator(argv: list[str]) -> None:
     sys.exit(main(argv))
 
 
+def _run_moto_server(argv: list[str]) -> None:
+    """moto_server's main, with two fixes to its request recorder:
+
+    - moto appends each request's JSON and then its newline in separate writes, unlocked, from the
+      threads of a threaded server; two concurrent uploads (two ranks saving checkpoint shards) can then
+      land as ``{a}{b}\\n\\n``, and every later replay fails on that line. Recording is serialised here.
+    - a failed replay answers a bare 500; the traceback goes to the server log here.
+    """
+    import threading
+    import traceback
+
+    from moto.moto_api._internal.recorder.models import Recorder
+    from moto.server import main
+
+    lock = threading.Lock()
+    record, replay = Recorder._record_request, Recorder.replay_recording
+
+    def record_serialised(self, request, body=None):
+        with lock:
+            record(self, request, body)
+
+    def replay_logged(self, target_host=None):
+        try:
+            replay(self, target_host)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            raise
+
+    Recorder._record_request, Recorder.replay_recording = record_serialised, replay_logged
+    main(argv)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["gcs-emulator"]:
     _run_gcs_emulator(sys.argv[2:])
+if __name__ == "__main__" and sys.argv[1:2] == ["s3-emulator"]:
+    _run_moto_server(sys.argv[2:])
