@@ -79,7 +79,7 @@ def test_round_trip(storage_url):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_dcp_save_load_one_process(storage_url, monkeypatch):
+def test_dcp_save_load_one_process(storage_url, monkeypatch, caplog):
     url, _ = storage_url
     ckpt = storage.join(url, "step-1")
     renames: list[tuple[str, str]] = []
@@ -111,8 +111,9 @@ def test_dcp_save_load_one_process(storage_url, monkeypatch):
         assert [(a.rsplit("/", 1)[-1], b.rsplit("/", 1)[-1]) for a, b in renames] == [
             (".metadata.tmp", ".metadata")
         ] * 2
-    # A small save must not take the ~34 s that a rename costs against a GCS emulator without moveTo.
-    assert max(SAVE_SECONDS[storage_url.backend]) < 15
+    # The renames went through GCS's moveTo (the emulator lacks it unless launched by storage_servers;
+    # gcsfs then retries for ~33 s per rename and falls back to copy + delete, saying so).
+    assert not [r.getMessage() for r in caplog.records if "moveTo" in r.getMessage()]
 
     got = _state_dict(seed=2)  # same structure, other values
     dcp.load(got, checkpoint_id=ckpt, no_dist=True)
