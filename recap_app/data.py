@@ -40,11 +40,13 @@ Reading
 that start with ``_`` or ``.``), a glob, or a key prefix, on any fsspec backend. The work units are
 the (file, row group) pairs in sorted file order; in each epoch unit i (after an optional per-epoch
 shuffle with seed ``shuffle_seed + epoch``) belongs to global reader ``i % (world_size * num_workers)``,
-where global reader = ``rank * num_workers + worker``. Each reader streams its row groups, carries
-leftover rows across row groups and yields batches of exactly ``batch_size`` rows; with ``repeat``
-it loops over epochs forever and drops each epoch's last partial batch, without it the last partial
-batch is yielded once. ``skip_batches`` skips batches using the Parquet footers' row counts: whole
-row groups are skipped unread, only the one holding the resume point is decoded.
+where global reader = ``rank * num_workers + worker``. With ``shuffle_seed`` the rows inside each row
+group are permuted as well, differently every epoch (seeded by seed, epoch and row group). Each reader
+streams its row groups, carries leftover rows across row groups and yields batches of exactly
+``batch_size`` rows; with ``repeat`` it loops over epochs forever and drops each epoch's last partial
+batch, without it the last partial batch is yielded once. ``skip_batches`` skips batches using the
+Parquet footers' row counts: whole row groups are skipped unread, only the one holding the resume
+point is decoded.
 
 ``make_dataloader`` wraps the reader in a DataLoader. With ``num_workers > 0`` the DataLoader takes
 batches from the workers round-robin (skipping exhausted workers), so the reader's own
@@ -528,15 +530,23 @@ class ParquetBatchReader(IterableDataset):
             if skip >= n:
                 skip -= n
             else:
-                yield from self._read_epoch(units, skip * self.batch_size)
+                yield from self._read_epoch(units, skip * self.batch_size, epoch)
                 skip = 0
             if not self.repeat:
                 return
             epoch += 1
 
-    def _read_epoch(self, units: Sequence[_Unit], skip_rows: int) -> Iterator[RecapBatch]:
+    def _read_row_group(self, pf: pq.ParquetFile, unit: _Unit, epoch: int) -> pa.Table:
+        """One row group, its rows permuted when shuffling (seeded by seed, epoch and unit, so that a
+        resumed reader skips into the same order)."""
+        table = pf.read_row_group(unit.row_group, columns=self.layout.columns)
+        if self.shuffle_seed is None:
+            return table
+        rng = np.random.default_rng([self.shuffle_seed, epoch, unit.file, unit.row_group])
+        return table.take(rng.permutation(table.num_rows))
+
+    def _read_epoch(self, units: Sequence[_Unit], skip_rows: int, epoch: int) -> Iterator[RecapBatch]:
         fs, _ = url_to_fs(self.url, self.storage_options)
-        columns = self.layout.columns
         keys = self.layout.features
         size = self.batch_size
         current: tuple[int, Any, pq.ParquetFile] | None = None
@@ -552,7 +562,7 @@ class ParquetBatchReader(IterableDataset):
                     fobj = fs.open(self.files[unit.file].path, "rb")
                     current = (unit.file, fobj, pq.ParquetFile(fobj))
                 where = f"{self.files[unit.file].url} row group {unit.row_group}"
-                cols = _decode(current[2].read_row_group(unit.row_group, columns=columns), self.layout, where)
+                cols = _decode(self._read_row_group(current[2], unit, epoch), self.layout, where)
                 if skip_rows:
                     cols = cols.slice(skip_rows, cols.num_rows)
                     skip_rows = 0

@@ -310,6 +310,27 @@ def test_repeat_epochs_cover_each_reader_share_once_per_epoch(config, dataset):
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled per epoch
 
 
+def test_shuffle_permutes_rows_inside_row_groups_per_epoch(config, dataset):
+    """With a seed, each row group's rows come out permuted (the same rows, another order), differently
+    in each epoch; without one, in file order."""
+    in_file_order = all_rows(dataset, config)
+    reader = data.ParquetBatchReader(dataset, config, 1, 0, 1, repeat=True, shuffle_seed=5)
+    stream = iter(reader)
+    epochs = [[k for b in itertools.islice(stream, reader.num_rows) for k in row_keys(b)] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(in_file_order)
+    offset = 0
+    for unit in reader.units:  # each row group, as the file holds it and as each epoch read it
+        group = in_file_order[offset : offset + unit.num_rows]
+        offset += unit.num_rows
+        members = set(group)
+        read = [[k for k in epoch if k in members] for epoch in epochs]
+        assert group != read[0] != read[1] != group, unit
+        start = epochs[0].index(read[0][0])
+        assert epochs[0][start : start + unit.num_rows] == read[0]  # still read as one block
+    unshuffled = data.ParquetBatchReader(dataset, config, 10_000, 0, 1, repeat=False)
+    assert [k for b in unshuffled for k in row_keys(b)] == in_file_order
+
+
 def test_world_size_three_without_workers_covers_every_row_once(config, dataset):
     seen = [
         k
