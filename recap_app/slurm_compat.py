@@ -31,7 +31,9 @@ from typing import Any
 
 from torchx.schedulers.api import DescribeAppResponse
 from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmScheduler
-from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
+from torchx.specs import AppState
+
+from recap_app.scheduler_compat import describe_response
 
 
 def slurm_state(state: str) -> AppState:
@@ -52,10 +54,9 @@ def parse_sacct(app_id: str, sacct_parsable2: str) -> DescribeAppResponse | None
     lines = sacct_parsable2.split("\n")
     if len(lines) <= 1:
         return None
-    roles: dict[str, Role] = {}
-    roles_statuses: dict[str, RoleStatus] = {}
     msg = ""
     app_state = AppState.UNKNOWN
+    replicas = []
     for row in csv.DictReader(lines, delimiter="|"):
         if not _is_job_record(row["JobID"], app_id):
             continue
@@ -63,22 +64,9 @@ def parse_sacct(app_id: str, sacct_parsable2: str) -> DescribeAppResponse | None
         app_state = slurm_state(msg)
         # torchx names each replica's group "<role>-<replica id>"; sacct may lag behind.
         role, _, replica_id = row["JobName"].rpartition("-")
-        if not role or not replica_id.isdigit():
-            continue
-        if role not in roles:
-            roles[role] = Role(name=role, num_replicas=0, image="")
-            roles_statuses[role] = RoleStatus(role, [])
-        roles[role].num_replicas += 1
-        roles_statuses[role].replicas.append(
-            ReplicaStatus(id=int(replica_id), role=role, state=app_state, hostname="")
-        )
-    return DescribeAppResponse(
-        app_id=app_id,
-        roles=list(roles.values()),
-        roles_statuses=list(roles_statuses.values()),
-        state=app_state,
-        msg=msg,
-    )
+        if role and replica_id.isdigit():
+            replicas.append((role, int(replica_id), app_state))
+    return describe_response(app_id, app_state, replicas, msg=msg)
 
 
 def count_requeues(app_id: str, sacct_duplicates: str) -> int:

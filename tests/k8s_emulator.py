@@ -80,13 +80,18 @@ class Emulator:
         return client.ApiClient(configuration)
 
     def set_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-        """PATCH the Job's /status subresource over HTTP, as the Volcano controller would."""
+        """Replace the Job's status through its /status subresource over HTTP, as the Volcano
+        controller would: a merge PATCH clearing it, then one setting it (one merge PATCH alone would
+        keep earlier pod phases next to the new ones; the emulator has no PUT on /status)."""
         from kubernetes import client
 
         with self.api_client() as api:
-            return client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": status}
-            )
+            jobs = client.CustomObjectsApi(api)
+            for body in ({"status": None}, {"status": status}):
+                job = jobs.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, body
+                )
+            return job
 
 
 def write_kubeconfig(path: Path, server: str, namespace: str = "default") -> Path:

@@ -299,7 +299,7 @@ def test_volcano_crd_schema(dryrun: dict[str, Any]) -> None:
     job = dryrun["job"]
     assert crd_errors(job) == []
     # The statuses the emulator tests set are ones Volcano could write.
-    for phase in ("Pending", "Running", "Completed"):
+    for phase in ("Pending", "Running", "Completing", "Completed"):
         status = volcano_status(phase, {"trainer-0": "Running", "trainer-1": "Running"})
         assert crd_errors({**job, "status": status}) == []
     # The validator has teeth: a misspelt field and a wrong type are both caught.
@@ -404,12 +404,17 @@ def test_cli_submit_status_cancel(dryrun: dict[str, Any], tmp_path: Path) -> Non
         ]
         assert emu.job(NAMESPACE, name) is None
 
+        # Status of the cancelled job: TorchX's "does not exist", not a traceback.
+        proc = torchx_cli(["status", handle], tmp_path, emu.kubeconfig)
+        assert proc.returncode == 1 and "does not exist" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
 
 def test_runner_api_states_against_emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The TorchX runner (what the CLI and Python users call) maps Volcano phases to TorchX states."""
-    from kubernetes.client.exceptions import ApiException
     from kubernetes.config import kube_config
     from torchx.runner import get_runner
+    from torchx.schedulers.kubernetes_scheduler import TASK_STATE
     from torchx.specs import AppState
 
     with running_emulator(tmp_path, namespace=NAMESPACE) as emu:
@@ -432,6 +437,8 @@ def test_runner_api_states_against_emulator(tmp_path: Path, monkeypatch: pytest.
                 ("Pending", "Pending", AppState.PENDING),
                 ("Running", "Running", AppState.RUNNING),
                 ("Restarting", "Failed", AppState.RUNNING),
+                # Missing from TorchX 0.7.0's table (KeyError); recap_app.kubernetes_compat maps it.
+                ("Completing", "Succeeded", AppState.RUNNING),
                 ("Completed", "Succeeded", AppState.SUCCEEDED),
                 ("Failed", "Failed", AppState.FAILED),
                 ("Terminated", "Failed", AppState.FAILED),
@@ -442,11 +449,9 @@ def test_runner_api_states_against_emulator(tmp_path: Path, monkeypatch: pytest.
                 assert status.state == expected, phase
                 (role,) = status.roles
                 assert role.role == "trainer" and sorted(r.id for r in role.replicas) == [0, 1]
-
-            # TorchX 0.7.0 quirk: Volcano's "Completing" phase is missing from its table.
-            emu.set_status(NAMESPACE, name, volcano_status("Completing", dict.fromkeys(both, "Succeeded")))
-            with pytest.raises(KeyError, match="Completing"):
-                runner.status(handle)
+                assert {r.state for r in role.replicas} == {TASK_STATE[task_phase]}
+                listed = [app for app in runner.list("kubernetes") if app.app_handle == handle]
+                assert [app.state for app in listed] == [expected], phase
 
             emu.set_status(NAMESPACE, name, volcano_status("Running", dict.fromkeys(both, "Running")))
             runner.cancel(handle)
@@ -454,13 +459,26 @@ def test_runner_api_states_against_emulator(tmp_path: Path, monkeypatch: pytest.
             assert [r.url.path for r in emu.requests() if r.action == action.DELETE] == [
                 f"/apis/{GROUP}/{VERSION}/namespaces/{NAMESPACE}/jobs/{name}"
             ]
-            # TorchX 0.7.0 quirk: status of a deleted job raises (404) instead of returning None.
-            with pytest.raises(ApiException) as e:
-                runner.status(handle)
-            assert e.value.status == 404
+            # A deleted job does not exist (TorchX 0.7.0 let the API's 404 escape instead).
+            assert runner.status(handle) is None
         # Nothing but the expected 404s went wrong inside the emulator.
         errors = emu.inspect(lambda handler: list(handler.errors))
         assert all(getattr(err, "status", None) == 404 for err in errors), errors
+
+
+def test_volcano_job_parsing_unknown_and_missing_status() -> None:
+    """A job no controller has touched, or a phase a newer Volcano adds, reads UNKNOWN; no crash."""
+    from torchx.specs import AppState
+
+    from recap_app.kubernetes_compat import parse_volcano_job
+
+    bare = parse_volcano_job("ns:job", {"metadata": {"name": "job"}})
+    assert (bare.state, bare.roles, bare.msg) == (AppState.UNKNOWN, [], "")
+    status = volcano_status("Suspended", {"trainer-0": "Running", "trainer-1": "Hibernating"})
+    resp = parse_volcano_job("ns:job", {"status": status})
+    assert (resp.state, resp.msg) == (AppState.UNKNOWN, "Suspended")
+    (role,) = resp.roles_statuses
+    assert {r.id: r.state for r in role.replicas} == {0: AppState.RUNNING, 1: AppState.UNKNOWN}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""TorchX 0.7.0's Kubernetes (Volcano) scheduler with its status reading fixed.
+
+``KubernetesScheduler`` in torchx 0.7.0 looks a Volcano Job's phase up in ``JOB_STATE``, which lacks
+``Completing`` (the phase between the last task finishing and ``Completed``): ``torchx status``,
+``torchx list`` and ``torchx run --wait`` crash with ``KeyError: 'Completing'`` at the end of every
+successful job. Its ``describe`` also lets the API's 404 escape for a job that no longer exists
+(after ``torchx cancel``, or once Kubernetes garbage-collects it), where the scheduler contract is to
+return ``None``, so the CLI prints a traceback instead of "does not exist".
+
+:class:`RecapKubernetesScheduler` changes only ``describe`` and ``list``; submission, dry runs, logs
+and cancel are torchx's. It is registered as the ``kubernetes`` scheduler in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
+from torchx.schedulers.kubernetes_scheduler import JOB_STATE, TASK_STATE, KubernetesScheduler
+from torchx.specs import AppState
+
+from recap_app.scheduler_compat import describe_response
+
+# Volcano's job phases (volcano.sh/apis batch/v1alpha1 JobPhase), every one of them mapped.
+VOLCANO_JOB_STATES: dict[str, AppState] = {
+    **JOB_STATE,
+    "Completing": AppState.RUNNING,  # tasks done, Volcano still cleaning up: not terminal yet
+}
+
+_VOLCANO = {"group": "batch.volcano.sh", "version": "v1alpha1", "plural": "jobs"}
+
+
+def job_state(phase: str) -> AppState:
+    """TorchX state of a Volcano Job phase; UNKNOWN for a phase a newer Volcano may add."""
+    return VOLCANO_JOB_STATES.get(phase, AppState.UNKNOWN)
+
+
+def parse_volcano_job(app_id: str, job: dict[str, Any]) -> DescribeAppResponse:
+    """torchx 0.7.0's ``describe`` reading of a Volcano Job object, phases fixed."""
+    status = job.get("status") or {}
+    phase = (status.get("state") or {}).get("phase")
+    replicas = []
+    for task, counts in (status.get("taskStatusCount") or {}).items():
+        role, _, idx = task.rpartition("-")  # torchx names each replica's task "<role>-<replica id>"
+        pod_phase = next(iter(counts.get("phase") or {}), "Unknown")
+        replicas.append((role, int(idx), TASK_STATE.get(pod_phase, AppState.UNKNOWN)))
+    state = job_state(phase) if phase else AppState.UNKNOWN
+    return describe_response(app_id, state, replicas, msg=phase or "")
+
+
+class RecapKubernetesScheduler(KubernetesScheduler):
+    """torchx 0.7.0's ``kubernetes`` scheduler; status survives ``Completing`` and deleted jobs."""
+
+    def describe(self, app_id: str) -> DescribeAppResponse | None:
+        from kubernetes.client.rest import ApiException
+
+        namespace, name = app_id.split(":")
+        try:
+            job = self._custom_objects_api().get_namespaced_custom_object_status(
+                namespace=namespace, name=name, **_VOLCANO
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return parse_volcano_job(app_id, job)
+
+    def list(self) -> list[ListAppResponse]:
+        namespace = self._get_active_context()["context"]["namespace"]
+        resp = self._custom_objects_api().list_namespaced_custom_object(
+            namespace=namespace, timeout_seconds=30, **_VOLCANO
+        )
+        return [
+            ListAppResponse(
+                app_id=f"{namespace}:{job['metadata']['name']}",
+                state=parse_volcano_job("", job).state,
+            )
+            for job in resp["items"]
+        ]
+
+
+def create_scheduler(
+    session_name: str, client: Any = None, docker_client: Any = None, **kwargs: Any
+) -> RecapKubernetesScheduler:
+    return RecapKubernetesScheduler(session_name=session_name, client=client, docker_client=docker_client)

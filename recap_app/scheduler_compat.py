@@ -1,0 +1,32 @@
+"""What recap's fixed TorchX schedulers (slurm_compat, kubernetes_compat) share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torchx.schedulers.api import DescribeAppResponse
+from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
+
+
+def describe_response(
+    app_id: str, state: AppState, replicas: Iterable[tuple[str, int, AppState]], msg: str = ""
+) -> DescribeAppResponse:
+    """A ``describe`` answer from the app's state and its replicas as (role, replica id, state), grouped
+    by role the way torchx's own schedulers report them."""
+    roles: dict[str, Role] = {}
+    roles_statuses: dict[str, RoleStatus] = {}
+    for role, replica_id, replica_state in replicas:
+        if role not in roles:
+            roles[role] = Role(name=role, num_replicas=0, image="")
+            roles_statuses[role] = RoleStatus(role, [])
+        roles[role].num_replicas += 1
+        roles_statuses[role].replicas.append(
+            ReplicaStatus(id=replica_id, role=role, state=replica_state, hostname="")
+        )
+    return DescribeAppResponse(
+        app_id=app_id,
+        roles=list(roles.values()),
+        roles_statuses=list(roles_statuses.values()),
+        state=state,
+        msg=msg,
+    )
