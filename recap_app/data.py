@@ -198,6 +198,20 @@ class Columns:
             self.weights[start:stop],
         )
 
+    def padding(self, num_rows: int) -> Columns:
+        """`num_rows` copies of these rows (cycled) with zero weights: filler that a weighted loss ignores."""
+        idx = np.arange(num_rows) % self.num_rows
+        sparse = []
+        for offsets, values in self.sparse:
+            starts, lengths = offsets[idx], np.diff(offsets)[idx]
+            new_offsets = np.zeros(num_rows + 1, dtype=np.int64)
+            np.cumsum(lengths, out=new_offsets[1:])
+            gather = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+            sparse.append((new_offsets, values[gather]))
+        return Columns(
+            self.continuous[idx], self.binary[idx], sparse, self.labels[idx], np.zeros_like(self.weights[idx])
+        )
+
     @staticmethod
     def concat(parts: Sequence[Columns]) -> Columns:
         if len(parts) == 1:
@@ -422,9 +436,12 @@ class ParquetBatchReader(IterableDataset):
         repeat: bool,
         shuffle_seed: int | None = None,
         skip_batches: int = 0,
+        pad: bool = False,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if pad and (repeat or skip_batches):
+            raise ValueError("pad is for one pass from the start: it needs repeat=False and skip_batches=0")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -441,6 +458,7 @@ class ParquetBatchReader(IterableDataset):
         self.repeat = repeat
         self.shuffle_seed = shuffle_seed
         self.skip_batches = skip_batches
+        self.pad = pad
         self.storage_options = dict(
             config.data.storage_options if storage_options is None else storage_options
         )
@@ -488,6 +506,14 @@ class ParquetBatchReader(IterableDataset):
         rows = sum(u.num_rows for u in units)
         return rows // self.batch_size if self.repeat else -(-rows // self.batch_size)
 
+    def rank_rows(self, rank: int) -> int:
+        """Rows `rank` reads in one epoch (without DataLoader workers)."""
+        return sum(u.num_rows for u in self.epoch_units(0, rank, self.world_size))
+
+    def padded_batches(self) -> int:
+        """Batches every rank yields with `pad`: as many as the rank with the most rows needs."""
+        return max(-(-self.rank_rows(r) // self.batch_size) for r in range(self.world_size))
+
     def worker_batch_counts(self, num_workers: int) -> list[float]:
         """Batches each of this rank's workers yields in total (inf with repeat)."""
         workers = max(num_workers, 1)
@@ -514,9 +540,32 @@ class ParquetBatchReader(IterableDataset):
             worker = (worker + plan.rotation) % num_workers
             skip = plan.skips[worker]
         self._check_enough_units(num_workers)
-        return self._stream(self.rank * num_workers + worker, self.world_size * num_workers, skip)
+        if self.pad and info is not None:
+            raise RuntimeError("a padded reader runs in the main process (num_workers=0)")
+        stream = self._stream(self.rank * num_workers + worker, self.world_size * num_workers, skip)
+        if self.pad:
+            stream = self._padded(stream)
+        keys = self.layout.features
+        return (cols.to_batch(keys) for cols in stream)
 
-    def _stream(self, reader: int, num_readers: int, skip: int) -> Iterator[RecapBatch]:
+    def _padded(self, stream: Iterator[Columns]) -> Iterator[Columns]:
+        """Exactly padded_batches() batches of batch_size rows: the last partial batch, and any batch
+        after this rank's data ends, filled with zero-weight copies of its rows (Columns.padding). Every
+        rank then runs as many forward passes of the same size, as a sharded model's collectives need;
+        the real rows are the first rank_rows(rank) of the stream."""
+        count, last = 0, None
+        for cols in stream:
+            last = cols
+            if cols.num_rows < self.batch_size:
+                cols = Columns.concat([cols, cols.padding(self.batch_size - cols.num_rows)])
+            yield cols
+            count += 1
+        for _ in range(count, self.padded_batches()):
+            if last is None:
+                raise ValueError(f"{self.url}: rank {self.rank} has only empty row groups, nothing to pad")
+            yield last.padding(self.batch_size)
+
+    def _stream(self, reader: int, num_readers: int, skip: int) -> Iterator[Columns]:
         epoch = 0
         while True:
             units = self.epoch_units(epoch, reader, num_readers)
@@ -545,9 +594,8 @@ class ParquetBatchReader(IterableDataset):
         rng = np.random.default_rng([self.shuffle_seed, epoch, unit.file, unit.row_group])
         return table.take(rng.permutation(table.num_rows))
 
-    def _read_epoch(self, units: Sequence[_Unit], skip_rows: int, epoch: int) -> Iterator[RecapBatch]:
+    def _read_epoch(self, units: Sequence[_Unit], skip_rows: int, epoch: int) -> Iterator[Columns]:
         fs, _ = url_to_fs(self.url, self.storage_options)
-        keys = self.layout.features
         size = self.batch_size
         current: tuple[int, Any, pq.ParquetFile] | None = None
         pending: Columns | None = None
@@ -569,14 +617,14 @@ class ParquetBatchReader(IterableDataset):
                 pending = cols if pending is None else Columns.concat([pending, cols])
                 start = 0
                 while pending.num_rows - start >= size:
-                    yield pending.slice(start, start + size).to_batch(keys)
+                    yield pending.slice(start, start + size)
                     start += size
                 pending = pending.slice(start, pending.num_rows)
         finally:
             if current is not None:
                 current[1].close()
         if not self.repeat and pending is not None and pending.num_rows:
-            yield pending.to_batch(keys)
+            yield pending
 
 
 def plan_worker_skips(skip_batches: int, batch_counts: Sequence[float]) -> tuple[list[int], int]:
@@ -618,12 +666,14 @@ def make_dataloader(
     repeat: bool = True,
     skip_batches: int = 0,
     shuffle_seed: int | None = None,
+    pad: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> DataLoader:
     """A DataLoader over this rank's share of `url`, yielding RecapBatches of `batch_size` (per rank).
 
     `skip_batches` skips exactly that many batches of the loader's combined stream, whatever
-    `num_workers` is (see the module docstring). Pins memory only when CUDA is available.
+    `num_workers` is (see the module docstring). `pad` (one pass, num_workers=0): every rank yields
+    the same number of full batches (ParquetBatchReader._padded). Pins memory only when CUDA is available.
     """
     reader = ParquetBatchReader(
         url,
@@ -634,6 +684,7 @@ def make_dataloader(
         repeat=repeat,
         shuffle_seed=shuffle_seed,
         skip_batches=skip_batches if num_workers == 0 else 0,
+        pad=pad,
         storage_options=storage_options,
     )
     if num_workers > 0:

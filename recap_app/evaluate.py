@@ -11,7 +11,7 @@ import torch.distributed as dist
 from recap_app.checkpoint import load_model_weights, resolve_checkpoint
 from recap_app.config import load_config_or_exit
 from recap_app.distributed import setup_distributed
-from recap_app.evaluation import eval_batches, evaluate, format_eval
+from recap_app.evaluation import evaluate, format_eval, one_pass_batches
 from recap_app.logs import log, setup_logging
 from recap_app.storage import join, write
 from recap_app.train import build
@@ -24,7 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints dir or run URL")
     parser.add_argument("--data", required=True, help="Parquet URL, directory or glob")
     parser.add_argument("--output", required=True, help="URL for eval_metrics.json")
-    parser.add_argument("--num-batches", type=int, default=0, help="batches per rank (0: config's)")
+    parser.add_argument(
+        "--num-batches", type=int, default=0, help="at most this many batches per rank (0: the whole dataset)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     config = load_config_or_exit(args.config, args.overrides)
@@ -34,9 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt_url = resolve_checkpoint(args.checkpoint, opts)
         state = build(config, runtime)
         load_model_weights(state.model, ckpt_url, opts, runtime.checkpoint_group)
-        num_batches = args.num_batches or config.training.num_eval_steps
+        if args.num_batches < 0:
+            raise SystemExit(f"recap evaluate: error: --num-batches must be >= 0, got {args.num_batches}")
+        batches, real_rows = one_pass_batches(args.data, config, runtime)
         metrics = evaluate(
-            state.model, eval_batches(args.data, config, runtime), num_batches, config, runtime
+            state.model, batches, config, runtime, max_batches=args.num_batches or None, real_rows=real_rows
         )
         log(f"{ckpt_url}: {format_eval(metrics, config)}")
         if runtime.rank == 0:

@@ -2,63 +2,106 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from recap_app import data
 from recap_app.config import RecapConfig
 from recap_app.distributed import Runtime
+from recap_app.logs import log
 from recap_app.metrics import task_metrics
 
 
 def evaluate(
     model: torch.nn.Module,
-    batches: Iterator[Any],
-    num_batches: int,
+    batches: Iterable[Any],
     config: RecapConfig,
     runtime: Runtime,
+    *,
+    max_batches: int | None = None,
+    real_rows: int | None = None,
+    progress_every_s: float = 30.0,
 ) -> dict[str, float]:
-    """Score num_batches batches per rank; gather to every rank; per-task AUROC, RCE and loss."""
+    """Score `batches` (at most `max_batches`) on every rank, gather; per-task AUROC, RCE, the mean loss.
+
+    With `real_rows` (a padded one-pass loader, see eval_batches) only this rank's first `real_rows`
+    rows count; the zero-weight padding after them adds nothing to the loss sums. Long passes log
+    their progress on rank 0 every `progress_every_s` seconds.
+    """
     was_training = model.training
     model.eval()
-    probs, labels, weights, losses = [], [], [], []
+    scored, loss_sum, examples = [], 0.0, 0
+    start = last = time.perf_counter()
     with torch.no_grad():
-        for _ in range(num_batches):
-            batch = next(batches).to(runtime.device)
+        for i, batch in enumerate(itertools.islice(batches, max_batches), 1):
+            batch = batch.to(runtime.device)
             loss, out = model(batch)
-            probs.append(out["probabilities"].float())
-            labels.append(out["labels"].float())
-            weights.append(out["weights"].float())
-            losses.append(loss.detach().float())
+            rows = batch.labels.shape[0]
+            keep = rows if real_rows is None else max(0, min(rows, real_rows - examples))
+            # the loss is a mean over the batch of weighted terms: times rows, a sum over its real rows
+            loss_sum += float(loss) * rows
+            scored.append(
+                torch.cat([out["probabilities"], out["labels"], out["weights"]], dim=1)[:keep].float()
+            )
+            examples += keep
+            now = time.perf_counter()
+            if now - last >= progress_every_s:
+                last = now
+                log(f"eval: {i} batches, {examples} examples on rank 0 ({examples / (now - start):.0f} ex/s)")
     model.train(was_training)
-    local = torch.cat([torch.cat(probs), torch.cat(labels), torch.cat(weights)], dim=1).to(runtime.device)
-    gathered = [torch.empty_like(local) for _ in range(runtime.world_size)]
-    dist.all_gather(gathered, local)
-    every = torch.cat(gathered).cpu()
     t = len(config.task_names)
+    local = torch.cat(scored) if scored else torch.zeros(0, 3 * t)
+    every = _all_gather_rows(local.to(runtime.device), runtime.world_size).cpu()
     metrics = task_metrics(every[:, :t], every[:, t : 2 * t], every[:, 2 * t :], config.task_names)
-    mean_loss = torch.stack(losses).mean().to(runtime.device)
-    dist.all_reduce(mean_loss)
-    metrics["loss"] = float(mean_loss) / runtime.world_size
+    totals = torch.tensor([loss_sum, float(examples)], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(totals)
+    metrics["loss"] = float(totals[0] / totals[1])
     metrics["examples"] = int(every.shape[0])
     return metrics
 
 
+def _all_gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's rows of `local` ([n_rank, C], n_rank may differ), concatenated in rank order."""
+    counts = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([local.shape[0]], device=local.device))
+    sizes = [int(c) for c in counts]
+    padded = local.new_zeros(max(sizes), local.shape[1])
+    padded[: local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)])
+
+
 def eval_batches(url: str, config: RecapConfig, runtime: Runtime) -> Iterator[Any]:
-    loader = data.make_dataloader(
+    """This rank's share of the eval data in file order, repeating (periodic evals take a fixed count)."""
+    return iter(_eval_loader(url, config, runtime, one_pass=False))
+
+
+def one_pass_batches(url: str, config: RecapConfig, runtime: Runtime) -> tuple[Iterator[Any], int]:
+    """Every example of `url` once over the ranks: (batches, this rank's real rows). Every rank gets as
+    many full batches (zero-weight padding after its real rows), as a sharded model's collectives need."""
+    loader = _eval_loader(url, config, runtime, one_pass=True)
+    return iter(loader), loader.dataset.rank_rows(runtime.rank)
+
+
+def _eval_loader(url: str, config: RecapConfig, runtime: Runtime, *, one_pass: bool) -> DataLoader:
+    return data.make_dataloader(
         url,
         config,
         config.data.per_rank_batch_size(runtime.world_size),
         runtime.rank,
         runtime.world_size,
         num_workers=0,
-        repeat=True,
+        repeat=not one_pass,
+        pad=one_pass,
         storage_options=config.data.storage_options,
     )
-    return iter(loader)
 
 
 def format_eval(metrics: dict[str, float], config: RecapConfig) -> str:

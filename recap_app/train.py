@@ -310,7 +310,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         if (tc.eval_every_n and step % tc.eval_every_n == 0) or last:
             pipeline.detach()  # the model is called directly below; progress() re-attaches it
             last_eval = evaluate(
-                model, eval_batches(eval_url, config, runtime), tc.num_eval_steps, config, runtime
+                model, eval_batches(eval_url, config, runtime), config, runtime, max_batches=tc.num_eval_steps
             )
             log(f"step {step}: {format_eval(last_eval, config)}")
             _write_metrics(writer, {"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})

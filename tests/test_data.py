@@ -302,7 +302,7 @@ def test_repeat_epochs_cover_each_reader_share_once_per_epoch(config, dataset):
         stream = reader._stream(g, 4, 0)
         for epoch, keys in enumerate(epochs):
             n = sum(u.num_rows for u in reader.epoch_units(epoch, g, 4)) // 32
-            batches = list(itertools.islice(stream, n))
+            batches = [c.to_batch(reader.layout.features) for c in itertools.islice(stream, n)]
             assert len(batches) == n and all(b.batch_size == 32 for b in batches)
             keys.extend(k for b in batches for k in row_keys(b))
     for keys in epochs:
@@ -339,6 +339,39 @@ def test_world_size_three_without_workers_covers_every_row_once(config, dataset)
         for k in row_keys(b)
     ]
     assert sorted(seen) == sorted(all_rows(dataset, config))
+
+
+def rows_with_ids(batch: RecapBatch) -> list[tuple]:
+    """Each example as (continuous bytes, its id list per sparse feature)."""
+    jagged = batch.sparse_features.to_dict().values()
+    per_feature = [[tuple(r.tolist()) for r in jt.to_dense()] for jt in jagged]
+    return list(zip(row_keys(batch), *per_feature, strict=True))
+
+
+@pytest.mark.parametrize("batch_size", [50, 300, 1000])
+def test_padded_one_pass_gives_every_rank_equal_full_batches(config, dataset, batch_size):
+    """pad: 3 ranks with unequal shares each yield the same number of full batches; the first
+    rank_rows(rank) rows are the rank's real rows (every row once over the ranks), the rest are
+    zero-weight copies of real rows, ids included."""
+    readers = [
+        data.ParquetBatchReader(dataset, config, batch_size, rank, 3, repeat=False, pad=True)
+        for rank in range(3)
+    ]
+    shares = [reader.rank_rows(rank) for rank, reader in enumerate(readers)]
+    assert len(set(shares)) > 1 and sum(shares) == 2000
+    real = []
+    for reader, n in zip(readers, shares, strict=True):
+        batches = list(reader)
+        assert len(batches) == readers[0].padded_batches() == -(-max(shares) // batch_size)
+        assert all(b.batch_size == batch_size for b in batches)
+        rows = [r for b in batches for r in rows_with_ids(b)]
+        weights = torch.cat([b.weights for b in batches])
+        assert (weights[:n] > 0).all() and (weights[n:] == 0).all()
+        assert len(rows) > n and set(rows[n:]) <= set(rows[:n])  # padding: this rank's own rows
+        real.extend(key for key, *_ in rows[:n])
+    assert sorted(real) == sorted(all_rows(dataset, config))
+    with pytest.raises(ValueError, match="repeat=False"):
+        data.ParquetBatchReader(dataset, config, 50, 0, 1, repeat=True, pad=True)
 
 
 # ----------------------------------------------------------------------------------------------- resume

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from recap_app.summary import summarize
 
@@ -76,3 +77,26 @@ def test_single_process_without_torchrun(tmp_path: Path) -> None:
     assert "rank 0/1" in log
     assert (out / "checkpoints/step-10/.metadata").exists()
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [5, 10]
+
+
+def test_evaluate_scores_every_example_once_on_any_world_size(tmp_path: Path) -> None:
+    """`recap evaluate` without --num-batches: one pass over the whole eval set. Two ranks get unequal
+    shares (padded to equal batches for the sharded model) and report what one process reports."""
+    out = tmp_path / "run"
+    _run(
+        [str(VENV_BIN / "recap"), "train", "--output", str(out), "training.num_train_steps=10", *FAST],
+        tmp_path,
+    )
+    eval_url = out / "data" / "eval"
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in eval_url.rglob("*.parquet"))
+    reports = {}
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        args = ["--checkpoint", str(out), "--data", str(eval_url), "--output", str(tmp_path / f"ev{nproc}")]
+        _run([*cmd, "-m", "recap_app.evaluate", *args, "data.global_batch_size=384"], tmp_path)
+        reports[nproc] = json.loads((tmp_path / f"ev{nproc}" / "eval_metrics.json").read_text())
+    one, two = reports[1], reports[2]
+    assert one["examples"] == two["examples"] == rows
+    for key, value in one.items():
+        if key.startswith(("auroc/", "rce/", "pos_rate/")) or key == "loss":
+            assert abs(two[key] - value) < 1e-4, (key, value, two[key])

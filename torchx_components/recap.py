@@ -170,7 +170,7 @@ def evaluate(
         max_retries: scheduler retries
         rdzv_port: rendezvous port (multi-node only)
         mounts: mounts, e.g. type=bind,src=/data,dst=/data
-        num_batches: batches per rank to score (0: training.num_eval_steps)
+        num_batches: at most this many batches per rank (0: the whole dataset, every example once)
     """
     args = [
         "--config", config, "--checkpoint", _local_url(checkpoint), "--data", _local_url(data),
