@@ -30,7 +30,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Score `batches` (at most `max_batches`) on every rank, gather; per-task AUROC, RCE, the mean loss.
 
-    With `real_rows` (a padded one-pass loader, see eval_batches) only this rank's first `real_rows`
+    With `real_rows` (a padded one-pass loader, see one_pass_batches) only this rank's first `real_rows`
     rows count; the zero-weight padding after them adds nothing to the loss sums. Long passes log
     their progress on rank 0 every `progress_every_s` seconds.
     """
