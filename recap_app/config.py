@@ -335,11 +335,3 @@ def load_config(config: str = "local", overrides: list[str] | tuple[str, ...] = 
             where = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {where}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
-
-
-def load_config_or_exit(config: str, overrides: list[str] | tuple[str, ...] = ()) -> RecapConfig:
-    """`load_config` for command-line mains: a bad config ends the process with the message alone."""
-    try:
-        return load_config(config, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"recap: error: {e}") from None

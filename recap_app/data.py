@@ -92,7 +92,11 @@ def weight_column(task: str) -> str:
     return f"weight/{task}"
 
 
-class ParquetSchemaError(ValueError):
+class DataError(ValueError):
+    """The data at a URL cannot be read as configured (the message says where, and what to change)."""
+
+
+class ParquetSchemaError(DataError):
     """A Parquet file does not match the ranking-example schema (the message names file and column)."""
 
 
@@ -489,7 +493,7 @@ class ParquetBatchReader(IterableDataset):
     def _check_enough_units(self, num_workers: int) -> None:
         readers = self.world_size * max(num_workers, 1)
         if len(self.units) < readers:
-            raise ValueError(
+            raise DataError(
                 f"{self.url}: {len(self.units)} row group(s) in {len(self.files)} file(s) is fewer than "
                 f"ranks x workers = {self.world_size} x {max(num_workers, 1)} = {readers}, so some reader "
                 "would get no data; write more (smaller) row groups or use fewer ranks / workers"
@@ -562,7 +566,7 @@ class ParquetBatchReader(IterableDataset):
             count += 1
         for _ in range(count, self.padded_batches()):
             if last is None:
-                raise ValueError(f"{self.url}: rank {self.rank} has only empty row groups, nothing to pad")
+                raise DataError(f"{self.url}: rank {self.rank} has only empty row groups, nothing to pad")
             yield last.padding(self.batch_size)
 
     def _stream(self, reader: int, num_readers: int, skip: int) -> Iterator[Columns]:
@@ -571,7 +575,7 @@ class ParquetBatchReader(IterableDataset):
             units = self.epoch_units(epoch, reader, num_readers)
             n = self._epoch_batches(units)
             if self.repeat and n == 0:
-                raise ValueError(
+                raise DataError(
                     f"{self.url}: reader {reader} of {num_readers} (rank x worker) gets "
                     f"{sum(u.num_rows for u in units)} rows in epoch {epoch}, less than one batch of "
                     f"{self.batch_size}; use more data, a smaller batch or fewer ranks / workers"

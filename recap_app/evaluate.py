@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch.distributed as dist
 
 from recap_app.checkpoint import load_model_weights, resolve_checkpoint
-from recap_app.config import load_config_or_exit
+from recap_app.config import load_config
 from recap_app.distributed import setup_distributed
+from recap_app.errors import exit_on_input_error
 from recap_app.evaluation import evaluate, format_eval, one_pass_batches
 from recap_app.logs import log, setup_logging
 from recap_app.storage import join, write
@@ -29,27 +30,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
-    config = load_config_or_exit(args.config, args.overrides)
-    runtime = setup_distributed()
-    try:
-        opts = config.data.storage_options
-        ckpt_url = resolve_checkpoint(args.checkpoint, opts)
-        state = build(config, runtime)
-        load_model_weights(state.model, ckpt_url, opts, runtime.checkpoint_group)
-        if args.num_batches < 0:
-            raise SystemExit(f"recap evaluate: error: --num-batches must be >= 0, got {args.num_batches}")
-        batches, real_rows = one_pass_batches(args.data, config, runtime)
-        metrics = evaluate(
-            state.model, batches, config, runtime, max_batches=args.num_batches or None, real_rows=real_rows
-        )
-        log(f"{ckpt_url}: {format_eval(metrics, config)}")
-        if runtime.rank == 0:
-            out = join(args.output, "eval_metrics.json")
-            report = {"checkpoint": ckpt_url, "data": args.data, **metrics}
-            write(out, json.dumps(report, indent=2, sort_keys=True), opts)
-            log(f"wrote {out}")
-    finally:
-        dist.destroy_process_group()
+    if args.num_batches < 0:
+        parser.error(f"--num-batches must be >= 0, got {args.num_batches}")
+    with exit_on_input_error():
+        config = load_config(args.config, args.overrides)
+        runtime = setup_distributed()
+        try:
+            opts = config.data.storage_options
+            ckpt_url = resolve_checkpoint(args.checkpoint, opts)
+            state = build(config, runtime)
+            load_model_weights(state.model, ckpt_url, opts, runtime.checkpoint_group)
+            batches, real_rows = one_pass_batches(args.data, config, runtime)
+            metrics = evaluate(
+                state.model,
+                batches,
+                config,
+                runtime,
+                max_batches=args.num_batches or None,
+                real_rows=real_rows,
+            )
+            log(f"{ckpt_url}: {format_eval(metrics, config)}")
+            if runtime.rank == 0:
+                out = join(args.output, "eval_metrics.json")
+                report = {"checkpoint": ckpt_url, "data": args.data, **metrics}
+                write(out, json.dumps(report, indent=2, sort_keys=True), opts)
+                log(f"wrote {out}")
+        finally:
+            dist.destroy_process_group()
     return 0
 
 

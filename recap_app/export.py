@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from recap_app.checkpoint import load_model_weights, resolve_checkpoint
-from recap_app.config import RecapConfig, load_config_or_exit
+from recap_app.config import RecapConfig, load_config
+from recap_app.errors import exit_on_input_error
 from recap_app.logs import log, setup_logging
 from recap_app.loss import build_multi_task_loss
 from recap_app.model import ModelAndLoss
@@ -41,9 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="URL of the torch.save'd ranker state dict")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
-    config = load_config_or_exit(args.config, args.overrides)
-    url = resolve_checkpoint(args.checkpoint, config.data.storage_options)
-    ranker = load_unsharded(config, url, config.data.storage_options)
+    with exit_on_input_error():
+        config = load_config(args.config, args.overrides)
+        url = resolve_checkpoint(args.checkpoint, config.data.storage_options)
+        ranker = load_unsharded(config, url, config.data.storage_options)
     buf = io.BytesIO()
     torch.save(ranker.state_dict(), buf)
     write(args.output, buf.getvalue(), config.data.storage_options)

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from recap_app.config import RecapConfig, load_config_or_exit
+from recap_app.config import RecapConfig, load_config
 from recap_app.data import Columns, Layout
+from recap_app.errors import exit_on_input_error
 from recap_app.logs import log
 from recap_app.storage import join, url_to_fs
 
@@ -266,7 +267,8 @@ def generate_data_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--signal-seed", type=int, default=0, help="seed of the hidden signal")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_continuous=16")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
-    config = load_config_or_exit(args.config, args.overrides)
+    with exit_on_input_error():
+        config = load_config(args.config, args.overrides)
     start = time.perf_counter()
     summaries = []
     for split, n, seed in (

@@ -25,8 +25,9 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from recap_app import data, faults, synthetic_data
 from recap_app.checkpoint import Checkpointer, load_model_weights
-from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config_or_exit
+from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
 from recap_app.distributed import Runtime, setup_distributed
+from recap_app.errors import exit_on_input_error
 from recap_app.evaluation import eval_batches, evaluate, format_eval
 from recap_app.logs import ALL_RANKS, log, setup_logging
 from recap_app.loss import build_multi_task_loss
@@ -341,7 +342,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_run_config(args: argparse.Namespace) -> RecapConfig:
-    config = load_config_or_exit(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
     if args.output:
         config.training.save_dir = args.output
     return config
@@ -350,13 +351,14 @@ def load_run_config(args: argparse.Namespace) -> RecapConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    config = load_run_config(args)
-    runtime = setup_distributed()
-    log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device}", rank=ALL_RANKS)
-    try:
-        train(config, runtime)
-    finally:
-        dist.destroy_process_group()
+    with exit_on_input_error():
+        config = load_run_config(args)
+        runtime = setup_distributed()
+        log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device}", rank=ALL_RANKS)
+        try:
+            train(config, runtime)
+        finally:
+            dist.destroy_process_group()
     return 0
 
 

@@ -133,12 +133,21 @@ def test_repo_torchxconfig_makes_plain_run_work(tmp_path: Path) -> None:
     assert os.path.join(str(REPO), "runs/recap-local") in text
 
 
-def test_bad_config_ends_with_the_message_alone(tmp_path: Path) -> None:
+def test_bad_input_ends_with_the_message_alone(tmp_path: Path) -> None:
+    """A bad config, data URL or checkpoint URL ends the command with `recap: error: ...`, no traceback."""
     recap = str(Path(sys.executable).parent / "recap")
+    nothing, dest = str(tmp_path / "nothing"), str(tmp_path / "out")
+    no_checkpoint = f"no complete checkpoint at or under {nothing}"
     for args, message in (
         (["train", "training.bogus=1"], "training.bogus: Extra inputs are not permitted"),
         (["train", "--config", "nope.yaml"], "config 'nope.yaml' not found"),
         (["generate-data", "--output", str(tmp_path), "model.tasks=[1"], "the value is not valid YAML"),
+        (
+            ["train", "--output", dest, f"data.train_url={nothing}", f"data.eval_url={nothing}"],
+            f"no Parquet files at '{nothing}'",
+        ),
+        (["evaluate", "--checkpoint", nothing, "--data", nothing, "--output", dest], no_checkpoint),
+        (["export", "--checkpoint", nothing, "--output", dest], no_checkpoint),
     ):
         out = subprocess.run([recap, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert out.returncode == 1, out.stderr
