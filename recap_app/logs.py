@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import torch.distributed as dist
 
@@ -29,6 +30,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    # Deprecation notices torch and torchrec raise about each other's internals (torchrec's ShardedTensor,
+    # reduce_scatter_tensor, broadcast_buffers): once per rank and call site, and nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(rec)?\.")
+    # torchrec's tracer calls torch.fx's is_fx_tracing(), which logs a deprecation line on every rank.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def log(msg: str, rank: int = 0, level: int = logging.INFO) -> None:

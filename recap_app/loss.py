@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -23,7 +23,7 @@ def build_multi_task_loss(task_names: Sequence[str], pos_weights: Sequence[float
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         # Skipped while torchrec's pipeline FX-traces the model: shapes are proxies then.
-        if not is_fx_tracing() and (logits.shape != labels.shape or labels.shape != weights.shape):
+        if not is_fx_symbolic_tracing() and (logits.shape != labels.shape or labels.shape != weights.shape):
             raise ValueError(
                 f"logits {tuple(logits.shape)}, labels {tuple(labels.shape)} and weights "
                 f"{tuple(weights.shape)} must have the same shape [batch, {len(names)}]"

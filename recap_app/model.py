@@ -19,7 +19,9 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.streamable import Pipelineable
 
@@ -115,16 +117,15 @@ def maybe_shard_model(
     world_size = dist.get_world_size()
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     compute_device = device.type
-    topology_kwargs: dict[str, Any] = {}
+    capacity: dict[str, int] = {}
     if compute_device == "cuda":
-        topology_kwargs["hbm_cap"] = torch.cuda.get_device_properties(device).total_memory
+        capacity["hbm_cap_bytes"] = torch.cuda.get_device_properties(device).total_memory
     else:
-        topology_kwargs["ddr_cap"] = _memory_per_rank_bytes(local_world_size)
-    topology = Topology(
-        world_size=world_size,
-        local_world_size=local_world_size,
-        compute_device=compute_device,
-        **topology_kwargs,
+        capacity["ddr_cap_bytes"] = _memory_per_rank_bytes(local_world_size)
+    # torchrec warns that a Topology built directly will fail in later releases: use its factory.
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size, local_world_size=local_world_size, **capacity),
+        kernel_config=KernelConfig(compute_device=compute_device),
     )
     sharder_cls = (
         CpuRowWiseEmbeddingBagCollectionSharder
@@ -136,7 +137,13 @@ def maybe_shard_model(
         table: ParameterConstraints(sharding_types=[ShardingType(t).value for t in types])
         for table, types in (sharding_constraints or {}).items()
     }
-    planner_kwargs: dict[str, Any] = {"topology": topology, "constraints": constraints}
+    planner_kwargs: dict[str, Any] = {
+        "topology": topology,
+        "constraints": constraints,
+        # torchrec's default (HeuristicalStorageReservation) is deprecated as over-tuned; its default
+        # share, 15% of each device's memory, kept for dense parameters, optimizer state and buffers.
+        "storage_reservation": FixedPercentageStorageReservation(percentage=0.15),
+    }
     if batch_size is not None:
         planner_kwargs["batch_size"] = batch_size
     planner = EmbeddingShardingPlanner(**planner_kwargs)
