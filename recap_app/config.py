@@ -225,6 +225,7 @@ class TrainingConfig(StrictModel):
     seed: int = 0
     log_every_n: int = Field(10, gt=0)
     eval_every_n: int = Field(0, ge=0)
+    # Periodic evals score at most this many batches per rank, each eval example at most once.
     num_eval_steps: int = Field(20, gt=0)
     checkpoint_every_n: int = Field(0, ge=0)
     keep_latest_k: int = Field(3, ge=0)

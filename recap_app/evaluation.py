@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from recap_app import data
 from recap_app.config import RecapConfig
@@ -78,30 +77,22 @@ def _all_gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)])
 
 
-def eval_batches(url: str, config: RecapConfig, runtime: Runtime) -> Iterator[Any]:
-    """This rank's share of the eval data in file order, repeating (periodic evals take a fixed count)."""
-    return iter(_eval_loader(url, config, runtime, one_pass=False))
-
-
 def one_pass_batches(url: str, config: RecapConfig, runtime: Runtime) -> tuple[Iterator[Any], int]:
     """Every example of `url` once over the ranks: (batches, this rank's real rows). Every rank gets as
-    many full batches (zero-weight padding after its real rows), as a sharded model's collectives need."""
-    loader = _eval_loader(url, config, runtime, one_pass=True)
-    return iter(loader), loader.dataset.rank_rows(runtime.rank)
-
-
-def _eval_loader(url: str, config: RecapConfig, runtime: Runtime, *, one_pass: bool) -> DataLoader:
-    return data.make_dataloader(
+    many full batches (zero-weight padding after its real rows), as a sharded model's collectives need.
+    Periodic evals take the first training.num_eval_steps of them, the same examples each time."""
+    loader = data.make_dataloader(
         url,
         config,
         config.data.per_rank_batch_size(runtime.world_size),
         runtime.rank,
         runtime.world_size,
         num_workers=0,
-        repeat=not one_pass,
-        pad=one_pass,
+        repeat=False,
+        pad=True,
         storage_options=config.data.storage_options,
     )
+    return iter(loader), loader.dataset.rank_rows(runtime.rank)
 
 
 def format_eval(metrics: dict[str, float], config: RecapConfig) -> str:

@@ -28,7 +28,7 @@ from recap_app.checkpoint import Checkpointer, load_model_weights
 from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
 from recap_app.distributed import Runtime, setup_distributed
 from recap_app.errors import exit_on_input_error
-from recap_app.evaluation import eval_batches, evaluate, format_eval
+from recap_app.evaluation import evaluate, format_eval, one_pass_batches
 from recap_app.logs import ALL_RANKS, log, setup_logging
 from recap_app.loss import build_multi_task_loss
 from recap_app.metrics import MetricsWriter
@@ -268,7 +268,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         skip_batches=step,
         storage_options=config.data.storage_options,
     )
-    batches = iter(loader)
+    train_data = iter(loader)
     pipeline = TrainPipelineSparseDist(model, optimizer, runtime.device, execute_all_batches=True)
     progress = Progress(tc.num_train_steps, step, per_rank, runtime.world_size)
     log(
@@ -283,7 +283,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         lr = learning_rate(step, config.optimizer.dense)
         _set_learning_rate(state.dense_optimizer, lr)
         seed_step(tc.seed, runtime.rank, step)
-        outputs = pipeline.progress(batches)
+        outputs = pipeline.progress(train_data)
         step += 1
         faults.after_train_step(step)  # test-only hook; inert unless RECAP_FAULT_* is set
         steps_in_window += 1
@@ -310,8 +310,9 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
 
         if (tc.eval_every_n and step % tc.eval_every_n == 0) or last:
             pipeline.detach()  # the model is called directly below; progress() re-attaches it
+            eval_data, real_rows = one_pass_batches(eval_url, config, runtime)
             last_eval = evaluate(
-                model, eval_batches(eval_url, config, runtime), config, runtime, max_batches=tc.num_eval_steps
+                model, eval_data, config, runtime, max_batches=tc.num_eval_steps, real_rows=real_rows
             )
             log(f"step {step}: {format_eval(last_eval, config)}")
             _write_metrics(writer, {"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})

@@ -167,7 +167,7 @@ def evaluate(
         memMB: memory per replica in MB
         h: named resource
         env: extra environment
-        max_retries: scheduler retries
+        max_retries: scheduler retries and torchrun restarts
         rdzv_port: rendezvous port (multi-node only)
         mounts: mounts, e.g. type=bind,src=/data,dst=/data
         num_batches: at most this many batches per rank (0: the whole dataset, every example once)
