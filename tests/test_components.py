@@ -41,6 +41,7 @@ def test_train_single_node_1x2() -> None:
     assert _flag(cmd, "--rdzv_endpoint") == "localhost:0"  # one node: torchrun picks a free port
     assert _flag(cmd, "--max_restarts") == "3"
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env  # one node: the trainer handles restarts
+    assert role.env["OMP_NUM_THREADS"] == "1"  # default --cpu 2 over 2 processes
     assert _flag(cmd, "--rdzv_id") == macros.app_id
     module_at = cmd.index("recap_app.train")
     assert cmd[module_at - 1] == "-m"
@@ -71,6 +72,8 @@ def test_train_multi_node_2x4_resources_env_mounts() -> None:
     assert role.image == "ghcr.io/x/recap:1"
     assert role.env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # a fresh rendezvous store per restart
+    assert role.env["OMP_NUM_THREADS"] == "2"  # 8 CPUs over 4 processes
+    assert recap.train(j="1x4", cpu=32, env={"OMP_NUM_THREADS": "3"}).roles[0].env["OMP_NUM_THREADS"] == "3"
     assert role.port_map == {"c10d": 29600}
     assert role.mounts[0].src_path == "/data"
     cmd = _command(app)

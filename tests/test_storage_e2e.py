@@ -260,7 +260,7 @@ def test_full_path_logs_hold_no_credentials(full_path: FullPath):
 
 
 # --------------------------------------------------------------------------------- torchx, Done-when
-def test_torchx_local_cwd_s3_train_and_resume(s3_server, tmp_path):
+def test_torchx_local_cwd_s3_train_and_resume(s3_server, tmp_path, monkeypatch):
     """The issue's Done-when check: `torchx run -s local_cwd recap.train -j 1x2 --output s3://...` from
     an unrelated directory writes checkpoints and embeddings to S3, and a second run resumes at step 20.
 
@@ -271,13 +271,16 @@ def test_torchx_local_cwd_s3_train_and_resume(s3_server, tmp_path):
 
     out = s3_server.url(f"torchx-{uuid.uuid4().hex[:8]}/run")
     env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
+    for key, value in env.items():  # the checks below read the bucket in this process
+        monkeypatch.setenv(key, value)
+    storage.fsspec_clear_instance_caches()
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     cwd = tmp_path / "anywhere"
     cwd.mkdir()
     assert not (cwd / ".torchxconfig").exists()
 
     role_env = train_component(output=out).roles[0].env
-    assert set(role_env) <= {"LOGLEVEL", "PYTHONUNBUFFERED"}, role_env
+    assert set(role_env) <= {"LOGLEVEL", "OMP_NUM_THREADS", "PYTHONUNBUFFERED"}, role_env
 
     def torchx(steps: int) -> Result:
         cmd = [

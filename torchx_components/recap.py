@@ -57,6 +57,9 @@ def _torchrun_role(
         # dead attempt's keys and hang. Multi-node restart counts can differ per node (pytorch#135712),
         # so the trainer's per-attempt prefix cannot help there: ask for a fresh store per attempt.
         role_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # Each process's share of the replica's CPUs as its thread count (torchrun's default is 1, announced
+    # in a banner); an OMP_NUM_THREADS in --env wins.
+    role_env.setdefault("OMP_NUM_THREADS", str(max(1, cpu // nproc_per_node)))
     role_env.setdefault("LOGLEVEL", os.getenv("LOGLEVEL", "WARNING"))
     role_env.setdefault("PYTHONUNBUFFERED", "1")
     if debug:
