@@ -516,7 +516,9 @@ class ParquetBatchReader(IterableDataset):
 
     def padded_batches(self) -> int:
         """Batches every rank yields with `pad`: as many as the rank with the most rows needs."""
-        return max(-(-self.rank_rows(r) // self.batch_size) for r in range(self.world_size))
+        return max(
+            self._epoch_batches(self.epoch_units(0, r, self.world_size)) for r in range(self.world_size)
+        )
 
     def worker_batch_counts(self, num_workers: int) -> list[float]:
         """Batches each of this rank's workers yields in total (inf with repeat)."""

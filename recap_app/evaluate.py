@@ -12,7 +12,7 @@ from recap_app.checkpoint import load_model_weights, resolve_checkpoint
 from recap_app.config import load_config
 from recap_app.distributed import setup_distributed
 from recap_app.errors import exit_on_input_error
-from recap_app.evaluation import evaluate, format_eval, one_pass_batches
+from recap_app.evaluation import evaluate, format_eval, one_pass_loader
 from recap_app.logs import log, setup_logging
 from recap_app.storage import join, write
 from recap_app.train import build
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ckpt_url = resolve_checkpoint(args.checkpoint, opts)
             state = build(config, runtime)
             load_model_weights(state.model, ckpt_url, opts, runtime.checkpoint_group)
-            batches, real_rows = one_pass_batches(args.data, config, runtime)
+            batches, real_rows = one_pass_loader(args.data, config, runtime)
             metrics = evaluate(
                 state.model,
                 batches,

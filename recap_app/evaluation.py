@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from recap_app import data
 from recap_app.config import RecapConfig
@@ -29,7 +30,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Score `batches` (at most `max_batches`) on every rank, gather; per-task AUROC, RCE, the mean loss.
 
-    With `real_rows` (a padded one-pass loader, see one_pass_batches) only this rank's first `real_rows`
+    With `real_rows` (a padded one-pass loader, see one_pass_loader) only this rank's first `real_rows`
     rows count; the zero-weight padding after them adds nothing to the loss sums. Long passes log
     their progress on rank 0 every `progress_every_s` seconds.
     """
@@ -77,10 +78,11 @@ def _all_gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)])
 
 
-def one_pass_batches(url: str, config: RecapConfig, runtime: Runtime) -> tuple[Iterator[Any], int]:
-    """Every example of `url` once over the ranks: (batches, this rank's real rows). Every rank gets as
+def one_pass_loader(url: str, config: RecapConfig, runtime: Runtime) -> tuple[DataLoader, int]:
+    """Every example of `url` once over the ranks: (loader, this rank's real rows). Every rank gets as
     many full batches (zero-weight padding after its real rows), as a sharded model's collectives need.
-    Periodic evals take the first training.num_eval_steps of them, the same examples each time."""
+    Each pass over the loader starts from the beginning: periodic evals take the first
+    training.num_eval_steps batches, the same examples each time, without listing the files again."""
     loader = data.make_dataloader(
         url,
         config,
@@ -92,7 +94,7 @@ def one_pass_batches(url: str, config: RecapConfig, runtime: Runtime) -> tuple[I
         pad=True,
         storage_options=config.data.storage_options,
     )
-    return iter(loader), loader.dataset.rank_rows(runtime.rank)
+    return loader, loader.dataset.rank_rows(runtime.rank)
 
 
 def format_eval(metrics: dict[str, float], config: RecapConfig) -> str:

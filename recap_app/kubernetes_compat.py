@@ -30,8 +30,8 @@ VOLCANO_JOB_STATES: dict[str, AppState] = {
 _VOLCANO = {"group": "batch.volcano.sh", "version": "v1alpha1", "plural": "jobs"}
 
 
-def job_state(phase: str) -> AppState:
-    """TorchX state of a Volcano Job phase; UNKNOWN for a phase a newer Volcano may add."""
+def job_state(phase: str | None) -> AppState:
+    """TorchX state of a Volcano Job phase; UNKNOWN for none yet or one a newer Volcano may add."""
     return VOLCANO_JOB_STATES.get(phase, AppState.UNKNOWN)
 
 
@@ -44,8 +44,7 @@ def parse_volcano_job(app_id: str, job: dict[str, Any]) -> DescribeAppResponse:
         role, _, idx = task.rpartition("-")  # torchx names each replica's task "<role>-<replica id>"
         pod_phase = next(iter(counts.get("phase") or {}), "Unknown")
         replicas.append((role, int(idx), TASK_STATE.get(pod_phase, AppState.UNKNOWN)))
-    state = job_state(phase) if phase else AppState.UNKNOWN
-    return describe_response(app_id, state, replicas, msg=phase or "")
+    return describe_response(app_id, job_state(phase), replicas, msg=phase or "")
 
 
 class RecapKubernetesScheduler(KubernetesScheduler):

@@ -28,7 +28,7 @@ from recap_app.checkpoint import Checkpointer, load_model_weights
 from recap_app.config import LearningRateConfig, RecapConfig, SparseOptimizerType, load_config
 from recap_app.distributed import Runtime, setup_distributed
 from recap_app.errors import exit_on_input_error
-from recap_app.evaluation import evaluate, format_eval, one_pass_batches
+from recap_app.evaluation import evaluate, format_eval, one_pass_loader
 from recap_app.logs import ALL_RANKS, log, setup_logging
 from recap_app.loss import build_multi_task_loss
 from recap_app.metrics import MetricsWriter
@@ -269,6 +269,7 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
         storage_options=config.data.storage_options,
     )
     train_data = iter(loader)
+    eval_data, eval_rows = one_pass_loader(eval_url, config, runtime)  # files listed once, read per eval
     pipeline = TrainPipelineSparseDist(model, optimizer, runtime.device, execute_all_batches=True)
     progress = Progress(tc.num_train_steps, step, per_rank, runtime.world_size)
     log(
@@ -310,9 +311,8 @@ def train(config: RecapConfig, runtime: Runtime) -> dict[str, Any]:
 
         if (tc.eval_every_n and step % tc.eval_every_n == 0) or last:
             pipeline.detach()  # the model is called directly below; progress() re-attaches it
-            eval_data, real_rows = one_pass_batches(eval_url, config, runtime)
             last_eval = evaluate(
-                model, eval_data, config, runtime, max_batches=tc.num_eval_steps, real_rows=real_rows
+                model, eval_data, config, runtime, max_batches=tc.num_eval_steps, real_rows=eval_rows
             )
             log(f"step {step}: {format_eval(last_eval, config)}")
             _write_metrics(writer, {"step": step, **{f"eval/{k}": v for k, v in last_eval.items()}})
