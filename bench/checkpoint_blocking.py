@@ -15,12 +15,12 @@ import time
 
 import torch.distributed as dist
 
-from recap_app.checkpoint import Checkpointer
-from recap_app.config import load_config
+from recap_app.builder import RANKER_PREFIX, build_training
+from recap_app.checkpoint import Checkpointer, ModuleState
+from recap_app.config import CheckpointConfig, load_config
 from recap_app.distributed import setup_distributed
 from recap_app.logs import log, setup_logging
 from recap_app.storage import url_to_fs
-from recap_app.train import build
 
 REPEATS = 3
 
@@ -41,22 +41,19 @@ def main() -> None:
         dist.broadcast_object_list(holder)
         root = holder[0]
     config = load_config("production", ["data.global_batch_size=64"])
-    state = build(config, runtime)
-    state.optimizer.init_state()  # Adam moments and Adagrad state exist, as after the first step
+    parts = build_training(config, runtime)
+    parts.optimizer.init_state()  # Adam moments and Adagrad state exist, as after the first step
+    states = {"model": ModuleState(parts.model, RANKER_PREFIX), "optimizer": parts.optimizer}
     results: dict[str, list[tuple[float, float]]] = {"sync": [], "async": []}
     step = 0
     for _ in range(REPEATS):
         for mode in ("sync", "async"):
             step += 1
-            ckpt = Checkpointer(
-                f"{root}/{mode}",
-                keep_latest_k=1,
-                async_save=(mode == "async"),
-                process_group=runtime.checkpoint_group,
-            )
+            cfg = CheckpointConfig(every_n=1, keep_latest_k=1, async_save=(mode == "async"))
+            ckpt = Checkpointer(cfg, f"{root}/{mode}", states, process_group=runtime.checkpoint_group)
             dist.barrier()
             start = time.perf_counter()
-            blocked = ckpt.save(step, state.state_dict(step))
+            blocked = ckpt.save(step)
             ckpt.wait()
             durable = time.perf_counter() - start
             ckpt.close()

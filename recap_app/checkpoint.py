@@ -20,7 +20,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -30,8 +30,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.storage import StorageWriter
 
-from recap_app import faults
+from recap_app.config import CheckpointConfig
+from recap_app.errors import InputError
 from recap_app.logs import log
 from recap_app.storage import exists, has_scheme, join, url_to_fs
 
@@ -48,8 +50,12 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (storage unreachable, permissions, ...); names the URL."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError, ValueError):
     """The checkpoint's keys or shapes do not match the model built from the config."""
+
+
+class CheckpointNotFoundError(InputError, FileNotFoundError):
+    """No complete checkpoint where the user pointed."""
 
 
 def step_url(root: str, step: int) -> str:
@@ -76,7 +82,8 @@ def latest_step(root: str, storage_options: Mapping[str, Any] | None = None) -> 
     return complete[-1] if complete else None
 
 
-def _writer(url: str, storage_options: Mapping[str, Any] | None) -> FsspecWriter:
+def storage_writer(url: str, storage_options: Mapping[str, Any] | None = None) -> FsspecWriter:
+    """The default DCP storage writer of a save to `url`."""
     # FsspecWriter is also an AsyncStager whose staging copes with torchrec's ShardedTensors; DCP's
     # default stager does not ('data_ptr' not supported for ShardedTensor). Object-store streams cannot
     # fsync, and DCP then falls back to os.sync() of the whole machine per file: skip it there.
@@ -98,75 +105,119 @@ def _reader(url: str, storage_options: Mapping[str, Any] | None) -> FsspecReader
     return FsspecReader(url, **dict(storage_options or {}))
 
 
+class ModuleState:
+    """A module's state dict under its keys minus `prefix`: the trainer's model is the ranker inside a
+    loss wrapper (`model.`), and checkpoints hold the ranker's own keys, so evaluation and export load
+    them into a ranker without rebuilding the wrapper."""
+
+    def __init__(self, module: torch.nn.Module, prefix: str = "") -> None:
+        self.module, self.prefix = module, prefix
+
+    def state_dict(self) -> dict[str, Any]:
+        n = len(self.prefix)
+        return {k[n:]: v for k, v in self.module.state_dict().items() if k.startswith(self.prefix)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict({f"{self.prefix}{k}": v for k, v in state.items()})
+
+
+WriterFactory = Callable[[str, int], StorageWriter]
+
+
 class Checkpointer:
-    """Save / resume / prune `step-N` checkpoints under `root` for a state dict of stateful parts."""
+    """Saves and restores the run's stateful parts, registered once (`states`: name -> object with
+    state_dict / load_state_dict), as `step-N` checkpoints under `root`; decides itself when to save.
+
+    `writer_factory(url, step)` makes the DCP storage writer of each save (default: `storage_writer`);
+    it is the extension point for other storage layers and for fault injection in tests.
+    """
 
     def __init__(
         self,
+        cfg: CheckpointConfig,
         root: str,
+        states: Mapping[str, Any],
         *,
-        keep_latest_k: int = 3,
-        async_save: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         process_group: dist.ProcessGroup | None = None,
-        max_consecutive_failures: int = 3,
-        final_attempts: int = 3,
+        writer_factory: WriterFactory | None = None,
         retry_backoff_s: float = 2.0,
     ) -> None:
+        self.cfg = cfg
         self.root = root
-        self.max_consecutive_failures = max_consecutive_failures
-        self.final_attempts = final_attempts
-        self.retry_backoff_s = retry_backoff_s
-        self.consecutive_failures = 0
-        self.keep_latest_k = keep_latest_k
-        self.async_save = async_save
+        self.states = dict(states)
         self.storage_options = dict(storage_options or {})
         # Async saves run their collectives on a CPU (gloo) group; on CUDA/NCCL jobs pass one here.
         self.process_group = process_group
+        self.writer_factory = writer_factory or (lambda url, step: storage_writer(url, self.storage_options))
+        self.retry_backoff_s = retry_backoff_s
+        self.consecutive_failures = 0
         self._pending: Future | None = None
         self._pending_step: int | None = None
         self._purger: threading.Thread | None = None
 
-    # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, state: dict[str, Any], *, final: bool = False) -> float:
-        """Save `state` as step-`step`; returns the seconds training was blocked.
+    def _state_dict(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        return {name: self.states[name].state_dict() for name in names or self.states}
 
-        Async (unless `final` or async is off): waits for the previous save, stages to CPU, returns;
-        the write goes on in the background. Final saves are synchronous so the job ends durable.
-        """
+    # ------------------------------------------------------------------------------------------ save
+    def should_save(self, step: int, last_step: bool = False) -> bool:
+        return last_step or bool(self.cfg.every_n and step % self.cfg.every_n == 0)
+
+    def save(self, step: int, last_step: bool = False) -> float:
+        """Save every registered part as step-`step` when it is time; returns the seconds training was
+        blocked. Async (unless `last_step` or async is off): waits for the previous save, stages to CPU,
+        returns while the write goes on. The last step's save is synchronous, so the job ends durable."""
+        if not self.should_save(step, last_step):
+            return 0.0
         start = time.perf_counter()
         self.wait()
-        faults.before_checkpoint_save(step)  # test-only hook; inert unless RECAP_FAULT_* is set
-        url = step_url(self.root, step)
-        try:
-            done = step in list_steps(self.root, self.storage_options)[0]
-        except Exception as e:  # store unreachable: the save below fails too, on every rank alike
-            log(f"cannot list {self.root} before saving step-{step}: {e!r}", level=logging.WARNING)
-            done = False
-        if done:
+        if self._already_complete(step):
             log(f"checkpoint step-{step} already complete; not saving again")
             return 0.0
-        if self.async_save and not final:
-            try:
-                self._pending = dcp.async_save(
-                    state, storage_writer=self._writer(url, step), process_group=self.process_group
-                )
-            except SAVE_ERRORS as e:
-                self._failed(step, e, fatal=False)
-                return time.perf_counter() - start
-            self._pending_step = step
-            blocked = time.perf_counter() - start
-            log(f"checkpoint step-{step}: async save started to {url} (blocked {blocked:.2f}s)")
-            return blocked
-        attempts = self.final_attempts if final else 1
+        if self.cfg.async_save and not last_step:
+            self._save_async(step)
+        else:
+            self._save_sync(step, attempts=self.cfg.final_attempts if last_step else 1, final=last_step)
+        return time.perf_counter() - start
+
+    def _already_complete(self, step: int) -> bool:
+        try:
+            return step in list_steps(self.root, self.storage_options)[0]
+        except Exception as e:  # store unreachable: the save fails too, on every rank alike
+            log(f"cannot list {self.root} before saving step-{step}: {e!r}", level=logging.WARNING)
+            return False
+
+    def _save_async(self, step: int) -> None:
+        start = time.perf_counter()
+        url = step_url(self.root, step)
+        try:
+            self._pending = dcp.async_save(
+                self._state_dict(),
+                storage_writer=self.writer_factory(url, step),
+                process_group=self.process_group,
+            )
+        except SAVE_ERRORS as e:
+            self._failed(step, e, fatal=False)
+            return
+        self._pending_step = step
+        blocked = time.perf_counter() - start
+        log(f"checkpoint step-{step}: async save started to {url} (blocked {blocked:.2f}s)")
+
+    def _save_sync(self, step: int, *, attempts: int, final: bool) -> None:
+        start = time.perf_counter()
+        url = step_url(self.root, step)
         for attempt in range(1, attempts + 1):
             try:
-                dcp.save(state, storage_writer=self._writer(url, step), process_group=self.process_group)
+                dcp.save(
+                    self._state_dict(),
+                    storage_writer=self.writer_factory(url, step),
+                    process_group=self.process_group,
+                )
                 break
             except SAVE_ERRORS as e:
                 if attempt == attempts:
                     self._failed(step, e, fatal=final)
-                    return time.perf_counter() - start
+                    return
                 delay = self.retry_backoff_s * 2 ** (attempt - 1)
                 log(
                     f"checkpoint save to {url} failed (attempt {attempt}/{attempts}), "
@@ -174,13 +225,8 @@ class Checkpointer:
                     level=logging.WARNING,
                 )
                 time.sleep(delay)
-        blocked = time.perf_counter() - start
-        log(f"checkpoint step-{step}: saved to {url} in {blocked:.2f}s")
+        log(f"checkpoint step-{step}: saved to {url} in {time.perf_counter() - start:.2f}s")
         self._succeeded()
-        return blocked
-
-    def _writer(self, url: str, step: int) -> FsspecWriter:
-        return faults.wrap_checkpoint_writer(_writer(url, self.storage_options), step)
 
     def wait(self) -> None:
         """Block until the in-flight async save (if any) is durable or has failed (see the policy above)."""
@@ -205,16 +251,17 @@ class Checkpointer:
     def _failed(self, step: int, error: BaseException, *, fatal: bool) -> None:
         url = step_url(self.root, step)
         self.consecutive_failures += 1
-        if fatal or self.consecutive_failures >= self.max_consecutive_failures:
+        limit = self.cfg.max_consecutive_failures
+        if fatal or self.consecutive_failures >= limit:
             how = (
-                f"final save, {self.final_attempts} attempts"
+                f"final save, {self.cfg.final_attempts} attempts"
                 if fatal
                 else f"{self.consecutive_failures} periodic saves in a row"
             )
             raise CheckpointSaveError(f"checkpoint save to {url} failed ({how}): {_brief(error)}") from error
         log(
-            f"checkpoint save to {url} failed ({self.consecutive_failures}/{self.max_consecutive_failures} "
-            f"in a row); training continues, the last complete checkpoint is intact: {_brief(error)}",
+            f"checkpoint save to {url} failed ({self.consecutive_failures}/{limit} in a row); "
+            f"training continues, the last complete checkpoint is intact: {_brief(error)}",
             level=logging.ERROR,
         )
 
@@ -227,16 +274,17 @@ class Checkpointer:
 
     def _purge(self) -> None:
         """Delete partial step folders older than the newest complete one, and complete ones past k."""
+        keep = self.cfg.keep_latest_k
         try:
             complete, partial = list_steps(self.root, self.storage_options)
             doomed = [s for s in partial if complete and s < complete[-1]]
-            if self.keep_latest_k > 0:
-                doomed += complete[: -self.keep_latest_k]
+            if keep > 0:
+                doomed += complete[:-keep]
             fs, _ = url_to_fs(self.root, self.storage_options)
             for step in sorted(doomed):
                 _, path = url_to_fs(step_url(self.root, step), self.storage_options)
                 fs.rm(path, recursive=True)
-                log(f"checkpoint step-{step}: deleted (keep_latest_k={self.keep_latest_k})")
+                log(f"checkpoint step-{step}: deleted (keep_latest_k={keep})")
         except Exception as e:  # never fatal: a leftover folder costs space, not correctness
             log(f"checkpoint cleanup under {self.root} failed: {e!r}", level=logging.WARNING)
 
@@ -253,9 +301,29 @@ class Checkpointer:
             log(f"ignoring incomplete checkpoint(s) {names} (no {METADATA}: save interrupted)")
         return complete[-1] if complete else None
 
-    def load(self, step: int, state: dict[str, Any]) -> None:
-        """Load step-`step` into `state` in place (optimizer state must be initialised first)."""
-        load_checkpoint(step_url(self.root, step), state, self.storage_options, self.process_group)
+    def load(self) -> bool:
+        """Resume every part from the newest complete step (True), else warm-start the model from
+        `initial_checkpoint` when one is configured (False: optimizers and step stay fresh)."""
+        step = self.latest_step()
+        if step is not None:
+            url = step_url(self.root, step)
+            for part in self.states.values():
+                if hasattr(part, "init_state"):
+                    part.init_state()  # optimizer state is lazy; DCP loads in place
+            # The train state first: it refuses a resume it cannot keep exact before the rest is read.
+            for names in (["train_state"], [n for n in self.states if n != "train_state"]):
+                state = self._state_dict(names)
+                load_checkpoint(url, state, self.storage_options, self.process_group)
+                for name in names:
+                    self.states[name].load_state_dict(state[name])
+            log(f"resumed from {url} at step {step}")
+            return True
+        if self.cfg.initial_checkpoint:
+            load_model_weights(
+                self.states["model"], self.cfg.initial_checkpoint, self.storage_options, self.process_group
+            )
+            log(f"warm start: model weights from {self.cfg.initial_checkpoint} (optimizer and step fresh)")
+        return False
 
     def close(self) -> None:
         self.wait()
@@ -272,7 +340,7 @@ def load_checkpoint(
 ) -> None:
     """DCP-load `url` into `state` in place; a checkpoint that does not fit names the mismatched keys."""
     if not exists(join(url, METADATA), storage_options):
-        raise FileNotFoundError(f"no complete checkpoint at {url} (missing {METADATA})")
+        raise CheckpointNotFoundError(f"no complete checkpoint at {url} (missing {METADATA})")
     reader = _reader(url, storage_options)
     try:
         with warnings.catch_warnings():
@@ -293,27 +361,18 @@ def load_checkpoint(
 
 
 def load_model_weights(
-    model: torch.nn.Module,
+    model: torch.nn.Module | ModuleState,
     url: str,
     storage_options: Mapping[str, Any] | None = None,
     process_group: dist.ProcessGroup | None = None,
     *,
     no_dist: bool = False,
 ) -> None:
-    """Load only the "model" entry of a checkpoint into `model` (warm start, evaluation, export)."""
+    """Load only the "model" entry of a checkpoint (the ranker's keys) into `model`: a ranker, or a
+    ModuleState over a wrapper holding one (warm start, evaluation, export)."""
     state = {"model": model.state_dict()}
     load_checkpoint(url, state, storage_options, process_group, no_dist=no_dist)
     model.load_state_dict(state["model"])
-
-
-def describe_mismatch(
-    url: str, state: Mapping[str, Any], storage_options: Mapping[str, Any] | None, error: BaseException
-) -> str:
-    """Compare the checkpoint's metadata with the state's flattened keys and shapes."""
-    lines = _mismatch_lines(url, state, storage_options)
-    if not lines:
-        return f"loading checkpoint {url} failed: {_brief(error)}"
-    return "\n".join([_mismatch_head(url, error), *lines])
 
 
 def _mismatch_head(url: str, error: BaseException) -> str:
@@ -369,7 +428,7 @@ def resolve_checkpoint(url: str, storage_options: Mapping[str, Any] | None = Non
         step = latest_step(root, storage_options)
         if step is not None:
             return step_url(root, step)
-    raise FileNotFoundError(f"no complete checkpoint at or under {url}")
+    raise CheckpointNotFoundError(f"no complete checkpoint at or under {url}")
 
 
 def _rank() -> int:

@@ -13,8 +13,10 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from recap_app.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A config that cannot be used: not found, not YAML, a bad override or a failed validation."""
 
 
@@ -168,12 +170,10 @@ class DataConfig(StrictModel):
     num_binary: int = Field(ge=0)
     global_batch_size: int = Field(gt=0)
     num_workers: int = Field(0, ge=0)
-    # Options passed to the fsspec filesystem (endpoints, anon, ...). Credentials belong in the env.
-    storage_options: dict[str, Any] = Field(default_factory=dict)
 
     def per_rank_batch_size(self, world_size: int) -> int:
         if self.global_batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.global_batch_size={self.global_batch_size} must be divisible by the world size "
                 f"{world_size}"
             )
@@ -218,24 +218,50 @@ class OptimizerConfig(StrictModel):
     sparse: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
 
 
-# -------------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------------ run components
 class TrainingConfig(StrictModel):
+    """The loop itself: where the run lives, how long, its seed and how often it logs."""
+
     save_dir: str = "runs/recap"
     num_train_steps: int = Field(gt=0)
     seed: int = 0
     log_every_n: int = Field(10, gt=0)
-    eval_every_n: int = Field(0, ge=0)
-    # Periodic evals score at most this many batches per rank, each eval example at most once.
-    num_eval_steps: int = Field(20, gt=0)
-    checkpoint_every_n: int = Field(0, ge=0)
-    keep_latest_k: int = Field(3, ge=0)
-    async_checkpoint: bool = True
+    use_row_wise_cpu_sharder: bool = True
+
+
+class CheckpointConfig(StrictModel):
+    """`{save_dir}/checkpoints/step-N` saves (recap_app/checkpoint.py): interval, retention, failures."""
+
+    every_n: int = Field(0, ge=0)  # 0: only the final step
+    keep_latest_k: int = Field(3, ge=0)  # 0: keep all
+    async_save: bool = True
     # Warm start: load the model (not optimizer, not step) from this checkpoint URL when not resuming.
     initial_checkpoint: str | None = None
-    embedding_log_every_n: int = Field(0, ge=0)
-    # Which tables the embedding log writes (None: all).
-    embedding_log_tables: list[str] | None = None
-    use_row_wise_cpu_sharder: bool = True
+    # Failed periodic saves in a row before the job fails; attempts of the final save.
+    max_consecutive_failures: int = Field(3, gt=0)
+    final_attempts: int = Field(3, gt=0)
+
+
+class EvalConfig(StrictModel):
+    """Periodic evaluation during training on data.eval_url (and always after the last step)."""
+
+    every_n: int = Field(0, ge=0)
+    # Periodic evals score at most this many batches per rank, each eval example at most once.
+    num_batches: int = Field(20, gt=0)
+
+
+class EmbeddingLogConfig(StrictModel):
+    """Embedding table dumps to `{save_dir}/embeddings/step-N/` (and always after the last step)."""
+
+    every_n: int = Field(0, ge=0)
+    tables: list[str] | None = None  # None: every table
+
+
+class StorageConfig(StrictModel):
+    """How every URL of the run is opened (data, output, checkpoints, configs)."""
+
+    # Options passed to each fsspec filesystem (endpoints, anon, ...). Credentials belong in the env.
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class RecapConfig(StrictModel):
@@ -243,6 +269,18 @@ class RecapConfig(StrictModel):
     data: DataConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     training: TrainingConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    embedding_log: EmbeddingLogConfig = Field(default_factory=EmbeddingLogConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _known_log_tables(self) -> RecapConfig:
+        known = [t.name for t in self.model.embeddings.tables]
+        unknown = sorted(set(self.embedding_log.tables or ()) - set(known))
+        if unknown:
+            raise ValueError(f"embedding_log.tables: no table(s) {unknown} (tables: {known})")
+        return self
 
     @property
     def task_names(self) -> list[str]:

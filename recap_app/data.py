@@ -77,6 +77,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_app.batch import RecapBatch
 from recap_app.config import RecapConfig
+from recap_app.errors import InputError
 from recap_app.storage import has_scheme, url_to_fs
 
 CONTINUOUS = "continuous"
@@ -92,8 +93,12 @@ def weight_column(task: str) -> str:
     return f"weight/{task}"
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """The data at a URL cannot be read as configured (the message says where, and what to change)."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data URL names no Parquet file."""
 
 
 class ParquetSchemaError(DataError):
@@ -280,61 +285,65 @@ class Columns:
         return table
 
 
+def _column(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _dense(table: pa.Table, name: str, width: int, where: str) -> np.ndarray:
+    """A fixed-width float list column as [rows, width]; variable-length lists must all have `width`."""
+    n = table.num_rows
+    if not width:
+        return np.zeros((n, 0), dtype=np.float32)
+    arr = _column(table, name)
+    if arr.null_count:
+        raise ParquetSchemaError(f"{where}: column {name!r} has {arr.null_count} null row(s)")
+    if not pa.types.is_fixed_size_list(arr.type) and n:
+        lo, hi = pc.min_max(pc.list_value_length(arr)).values()
+        if lo.as_py() != width or hi.as_py() != width:
+            raise ParquetSchemaError(
+                f"{where}: column {name!r} has rows of {lo.as_py()}..{hi.as_py()} values, expected {width}"
+            )
+    values = arr.flatten()
+    if name == BINARY:
+        values = pc.fill_null(values, 0)
+    return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width)
+
+
+def _scalar(table: pa.Table, name: str, where: str) -> np.ndarray:
+    arr = _column(table, name)
+    if arr.null_count:
+        raise ParquetSchemaError(f"{where}: column {name!r} has {arr.null_count} null value(s)")
+    return np.array(arr.to_numpy(zero_copy_only=False), dtype=np.float32)
+
+
+def _ids(table: pa.Table, name: str, size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """An id list column as (offsets [rows + 1], ids), every id checked against its table's size."""
+    arr = _column(table, name)
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+    values = arr.flatten()
+    if values.null_count:
+        raise ParquetSchemaError(f"{where}: column {name!r} holds {values.null_count} null id(s)")
+    ids = np.array(values.to_numpy(zero_copy_only=False), dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= size):
+        bad = ids[(ids < 0) | (ids >= size)]
+        raise ParquetSchemaError(
+            f"{where}: column {name!r} has id(s) outside [0, {size}) of its embedding table, "
+            f"e.g. {bad[:5].tolist()} (raise num_embeddings or hash the ids)"
+        )
+    offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, ids
+
+
 def _decode(table: pa.Table, layout: Layout, where: str) -> Columns:
     """Arrow row group -> Columns; `where` ("<url> row group <i>") names the place in errors."""
-    n = table.num_rows
-
-    def array(name: str) -> pa.Array:
-        col = table.column(name)
-        return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-
-    def dense(name: str, width: int) -> np.ndarray:
-        if not width:
-            return np.zeros((n, 0), dtype=np.float32)
-        arr = array(name)
-        if arr.null_count:
-            raise ParquetSchemaError(f"{where}: column {name!r} has {arr.null_count} null row(s)")
-        if not pa.types.is_fixed_size_list(arr.type) and n:
-            lo, hi = pc.min_max(pc.list_value_length(arr)).values()
-            if lo.as_py() != width or hi.as_py() != width:
-                raise ParquetSchemaError(
-                    f"{where}: column {name!r} has rows of {lo.as_py()}..{hi.as_py()} values, "
-                    f"expected {width}"
-                )
-        values = arr.flatten()
-        if name == BINARY:
-            values = pc.fill_null(values, 0)
-        return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width)
-
-    def scalar(name: str) -> np.ndarray:
-        arr = array(name)
-        if arr.null_count:
-            raise ParquetSchemaError(f"{where}: column {name!r} has {arr.null_count} null value(s)")
-        return np.array(arr.to_numpy(zero_copy_only=False), dtype=np.float32)
-
-    sparse = []
-    for name, size in zip(layout.features, layout.table_sizes, strict=True):
-        arr = array(name)
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
-        values = arr.flatten()
-        if values.null_count:
-            raise ParquetSchemaError(f"{where}: column {name!r} holds {values.null_count} null id(s)")
-        ids = np.array(values.to_numpy(zero_copy_only=False), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= size):
-            bad = ids[(ids < 0) | (ids >= size)]
-            raise ParquetSchemaError(
-                f"{where}: column {name!r} has id(s) outside [0, {size}) of its embedding table, "
-                f"e.g. {bad[:5].tolist()} (raise num_embeddings or hash the ids)"
-            )
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        sparse.append((offsets, ids))
     return Columns(
-        dense(CONTINUOUS, layout.num_continuous),
-        dense(BINARY, layout.num_binary),
-        sparse,
-        np.stack([scalar(label_column(t)) for t in layout.tasks], axis=1),
-        np.stack([scalar(weight_column(t)) for t in layout.tasks], axis=1),
+        _dense(table, CONTINUOUS, layout.num_continuous, where),
+        _dense(table, BINARY, layout.num_binary, where),
+        [_ids(table, f, size, where) for f, size in zip(layout.features, layout.table_sizes, strict=True)],
+        np.stack([_scalar(table, label_column(t), where) for t in layout.tasks], axis=1),
+        np.stack([_scalar(table, weight_column(t), where) for t in layout.tasks], axis=1),
     )
 
 
@@ -385,14 +394,14 @@ def _find_parquet(
     fs, path = url_to_fs(url, storage_options)
     paths = _parquet_paths(fs, path)
     if not paths:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"no Parquet files at {url!r} (a file, a directory holding *.parquet, a glob or a prefix)"
         )
     return fs, paths
 
 
 def list_parquet_files(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """The Parquet files `url` names (see module docstring), sorted; FileNotFoundError if none."""
+    """The Parquet files `url` names (see module docstring), sorted; DataNotFoundError if none."""
     fs, paths = _find_parquet(url, storage_options)
     return [_display(url, fs, p) for p in paths]
 
@@ -425,7 +434,7 @@ class ParquetBatchReader(IterableDataset):
     """Streams this rank's (and DataLoader worker's) share of Parquet row groups as RecapBatches.
 
     Files are listed and their footers read (and schema-checked) at construction, so a bad URL or
-    file fails at once, in the main process. `storage_options` default to `config.data.storage_options`.
+    file fails at once, in the main process. `storage_options` default to `config.storage.options`.
     `skip_batches` applies to each worker's own stream (see make_dataloader for the combined stream).
     """
 
@@ -463,9 +472,7 @@ class ParquetBatchReader(IterableDataset):
         self.shuffle_seed = shuffle_seed
         self.skip_batches = skip_batches
         self.pad = pad
-        self.storage_options = dict(
-            config.data.storage_options if storage_options is None else storage_options
-        )
+        self.storage_options = dict(config.storage.options if storage_options is None else storage_options)
         self._worker_plan: _WorkerPlan | None = None
 
         fs, paths = _find_parquet(url, self.storage_options)

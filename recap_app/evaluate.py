@@ -8,14 +8,14 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 
-from recap_app.checkpoint import load_model_weights, resolve_checkpoint
+from recap_app.builder import RANKER_PREFIX, build_sharded_model
+from recap_app.checkpoint import ModuleState, load_model_weights, resolve_checkpoint
 from recap_app.config import load_config
 from recap_app.distributed import setup_distributed
 from recap_app.errors import exit_on_input_error
 from recap_app.evaluation import evaluate, format_eval, one_pass_loader
 from recap_app.logs import log, setup_logging
 from recap_app.storage import join, write
-from recap_app.train import build
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,20 +36,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         runtime = setup_distributed()
         try:
-            opts = config.data.storage_options
+            opts = config.storage.options
             ckpt_url = resolve_checkpoint(args.checkpoint, opts)
-            state = build(config, runtime)
-            load_model_weights(state.model, ckpt_url, opts, runtime.checkpoint_group)
+            model = build_sharded_model(config, runtime)
+            load_model_weights(ModuleState(model, RANKER_PREFIX), ckpt_url, opts, runtime.checkpoint_group)
             batches, real_rows = one_pass_loader(args.data, config, runtime)
             metrics = evaluate(
-                state.model,
+                model,
                 batches,
-                config,
+                config.task_names,
                 runtime,
                 max_batches=args.num_batches or None,
                 real_rows=real_rows,
             )
-            log(f"{ckpt_url}: {format_eval(metrics, config)}")
+            log(f"{ckpt_url}: {format_eval(metrics, config.task_names)}")
             if runtime.rank == 0:
                 out = join(args.output, "eval_metrics.json")
                 report = {"checkpoint": ckpt_url, "data": args.data, **metrics}

@@ -1,10 +1,16 @@
-"""Periodic and stand-alone evaluation: score batches on every rank, gather, per-task AUROC / RCE / loss."""
+"""Periodic and stand-alone evaluation: score batches on every rank, gather, per-task AUROC / RCE / loss.
+
+The trainer's Validator calls the model directly after `pipeline.detach()`. torchrec's
+EvalPipelineSparseDist was the alternative; it rewrites the same sharded module's forward as the
+training pipeline does (two pipelines cannot share a model without detaching either), and the padded
+one-pass loader needs each batch's real rows counted here, so the direct call stays the simpler one.
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from recap_app import data
-from recap_app.config import RecapConfig
+from recap_app.config import EvalConfig, RecapConfig
 from recap_app.distributed import Runtime
 from recap_app.logs import log
 from recap_app.metrics import task_metrics
@@ -21,7 +27,7 @@ from recap_app.metrics import task_metrics
 def evaluate(
     model: torch.nn.Module,
     batches: Iterable[Any],
-    config: RecapConfig,
+    task_names: Sequence[str],
     runtime: Runtime,
     *,
     max_batches: int | None = None,
@@ -55,10 +61,10 @@ def evaluate(
                 last = now
                 log(f"eval: {i} batches, {examples} examples on rank 0 ({examples / (now - start):.0f} ex/s)")
     model.train(was_training)
-    t = len(config.task_names)
+    t = len(task_names)
     local = torch.cat(scored) if scored else torch.zeros(0, 3 * t)
     every = _all_gather_rows(local.to(runtime.device), runtime.world_size).cpu()
-    metrics = task_metrics(every[:, :t], every[:, t : 2 * t], every[:, 2 * t :], config.task_names)
+    metrics = task_metrics(every[:, :t], every[:, t : 2 * t], every[:, 2 * t :], list(task_names))
     totals = torch.tensor([loss_sum, float(examples)], dtype=torch.float64, device=runtime.device)
     dist.all_reduce(totals)
     metrics["loss"] = float(totals[0] / totals[1])
@@ -78,6 +84,30 @@ def _all_gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)])
 
 
+class Validator:
+    """Periodic evaluation during training: every `cfg.every_n` steps and after the last, the first
+    `cfg.num_batches` batches per rank of a one-pass loader built once (files listed at start)."""
+
+    def __init__(
+        self, cfg: EvalConfig, loader: DataLoader, real_rows: int, task_names: Sequence[str]
+    ) -> None:
+        self.cfg, self.loader, self.real_rows = cfg, loader, real_rows
+        self.task_names = list(task_names)
+
+    def should_validate(self, step: int, last_step: bool = False) -> bool:
+        return last_step or bool(self.cfg.every_n and step % self.cfg.every_n == 0)
+
+    def validate(self, model: torch.nn.Module, runtime: Runtime) -> dict[str, float]:
+        return evaluate(
+            model,
+            self.loader,
+            self.task_names,
+            runtime,
+            max_batches=self.cfg.num_batches,
+            real_rows=self.real_rows,
+        )
+
+
 def one_pass_loader(url: str, config: RecapConfig, runtime: Runtime) -> tuple[DataLoader, int]:
     """Every example of `url` once over the ranks: (loader, this rank's real rows). Every rank gets as
     many full batches (zero-weight padding after its real rows), as a sharded model's collectives need.
@@ -92,16 +122,16 @@ def one_pass_loader(url: str, config: RecapConfig, runtime: Runtime) -> tuple[Da
         num_workers=0,
         repeat=False,
         pad=True,
-        storage_options=config.data.storage_options,
+        storage_options=config.storage.options,
     )
     return loader, loader.dataset.rank_rows(runtime.rank)
 
 
-def format_eval(metrics: dict[str, float], config: RecapConfig) -> str:
-    main = config.task_names[0]
+def format_eval(metrics: dict[str, float], task_names: Sequence[str]) -> str:
+    main = task_names[0]
     parts = [f"eval loss {metrics['loss']:.4f} on {metrics['examples']} examples"]
     parts += [
         f"{name.rsplit('.', 1)[-1]}: auroc {metrics[f'auroc/{name}']:.4f} rce {metrics[f'rce/{name}']:.2f}"
-        for name in config.task_names
+        for name in task_names
     ]
     return f"[{main} is the main task] " + " | ".join(parts)

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
+from recap_app.builder import build_ranker
 from recap_app.checkpoint import load_model_weights, resolve_checkpoint
 from recap_app.config import RecapConfig, load_config
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import log, setup_logging
-from recap_app.loss import build_multi_task_loss
-from recap_app.model import ModelAndLoss
 from recap_app.ranker import RecapRanker
 from recap_app.storage import write
 
@@ -27,10 +26,8 @@ def load_unsharded(
     config: RecapConfig, checkpoint_url: str, storage_options: dict[str, Any] | None = None
 ) -> RecapRanker:
     """The ranker of `config` with the weights of a (sharded) checkpoint, on CPU, in eval mode."""
-    ranker = RecapRanker(config.model, config.data.num_continuous, config.data.num_binary)
-    # Same module tree as in training so the checkpoint's keys (model.<ranker keys>) line up.
-    wrapped = ModelAndLoss(ranker, build_multi_task_loss(config.task_names))
-    load_model_weights(wrapped, checkpoint_url, storage_options, no_dist=True)
+    ranker = build_ranker(config)  # checkpoints hold the ranker's own keys
+    load_model_weights(ranker, checkpoint_url, storage_options, no_dist=True)
     return ranker.eval()
 
 
@@ -44,11 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     with exit_on_input_error():
         config = load_config(args.config, args.overrides)
-        url = resolve_checkpoint(args.checkpoint, config.data.storage_options)
-        ranker = load_unsharded(config, url, config.data.storage_options)
+        url = resolve_checkpoint(args.checkpoint, config.storage.options)
+        ranker = load_unsharded(config, url, config.storage.options)
     buf = io.BytesIO()
     torch.save(ranker.state_dict(), buf)
-    write(args.output, buf.getvalue(), config.data.storage_options)
+    write(args.output, buf.getvalue(), config.storage.options)
     params = sum(t.numel() for t in ranker.state_dict().values())
     log(f"exported {url} -> {args.output} ({params} values, {len(buf.getvalue()) / 1e6:.1f} MB)")
     return 0

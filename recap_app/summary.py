@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from recap_app.checkpoint import list_steps
-from recap_app.metrics import read_metrics
+from recap_app.metrics_logger import read_metrics
 from recap_app.storage import join, ls
 
 

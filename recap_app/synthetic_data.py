@@ -27,7 +27,7 @@ from recap_app.config import RecapConfig, load_config
 from recap_app.data import Columns, Layout
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import log
-from recap_app.storage import join, url_to_fs
+from recap_app.storage import exists, join, url_to_fs, write
 
 _BLOCK_ROWS = 8192  # rows are drawn in blocks keyed by (seed, block): content is layout-independent
 _BASE_RATES = (0.30, 0.08, 0.12, 0.05, 0.20, 0.10, 0.15, 0.06)  # per task, cycled
@@ -185,7 +185,7 @@ def _write_dataset(
     start_time = time.perf_counter()
     signal = _Signal(config, signal_seed)
     layout = signal.layout
-    opts = dict(config.data.storage_options if storage_options is None else storage_options)
+    opts = dict(config.storage.options if storage_options is None else storage_options)
     fs, root = url_to_fs(url, opts)
     fs.makedirs(root, exist_ok=True)
     names = [f"part-{i:05d}.parquet" for i in range(num_files)]
@@ -231,7 +231,7 @@ def write_synthetic_dataset(
 
     Same (seed, signal_seed, num_examples, config shapes) -> same content. Stale `part-*.parquet` files
     beyond `num_files` (from an earlier, larger run into the same place) are deleted so readers of the
-    directory see only this dataset. `storage_options` default to `config.data.storage_options`.
+    directory see only this dataset. `storage_options` default to `config.storage.options`.
     """
     return _write_dataset(
         url,
@@ -246,6 +246,25 @@ def write_synthetic_dataset(
 
 
 EVAL_SEED_OFFSET = 1_000_003
+EMBEDDED_TRAIN_EXAMPLES = 65_536
+EMBEDDED_EVAL_EXAMPLES = 16_384
+
+
+def ensure_synthetic_data(root: str, config: RecapConfig) -> tuple[str, str]:
+    """The embedded default dataset of a run without data URLs: generated once under `root` (`_SUCCESS`
+    marks it complete); returns its (train, eval) URLs."""
+    marker = join(root, "_SUCCESS")
+    opts = config.storage.options
+    if not exists(marker, opts):
+        log(f"no data.train_url / data.eval_url given: generating synthetic Parquet under {root}")
+        seed = config.training.seed
+        for split, n, split_seed in (
+            ("train", EMBEDDED_TRAIN_EXAMPLES, seed),
+            ("eval", EMBEDDED_EVAL_EXAMPLES, seed + 1),
+        ):
+            write_synthetic_dataset(join(root, split), config, n, seed=split_seed, storage_options=opts)
+        write(marker, "ok\n", opts)
+    return join(root, "train"), join(root, "eval")
 
 
 def generate_data_main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Surviving failure with real processes: a rank SIGKILLed mid-training under TorchX, a rank killed inside a
 checkpoint save, bit-exact resume, and the object store going away in the middle of saves.
 
-Faults come from the trainer's test-only hook module `recap_app.faults` (env RECAP_FAULT_*, inert
-otherwise). Every run is small (the `local` config, 256 examples a step, tens of steps); the data set is
+Faults come from tests/fault_injection.py, a `recap train` main that installs them through the
+product's extension points (a trainer callback, a checkpoint writer factory), chosen by env FAULT_*.
+Every run is small (the `local` config, 256 examples a step, tens of steps); the data set is
 generated once per module and read from local disk, also by the S3 run.
 """
 
@@ -27,14 +28,17 @@ from recap_app import storage
 from recap_app.checkpoint import list_steps
 from recap_app.config import load_config
 from recap_app.export import load_unsharded
+from recap_app.synthetic_data import ensure_synthetic_data
 
 VENV_BIN = Path(sys.executable).parent
+FAULT_MAIN = str(Path(__file__).with_name("fault_injection.py"))
+FAULT_COMPONENTS = str(Path(__file__).with_name("fault_components.py"))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 FAST = [
     "training.log_every_n=5",
-    "training.eval_every_n=0",
-    "training.num_eval_steps=2",
-    "training.embedding_log_every_n=0",
+    "eval.every_n=0",
+    "eval.num_batches=2",
+    "embedding_log.every_n=0",
 ]
 
 
@@ -42,15 +46,13 @@ FAST = [
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> list[str]:
     """The trainer's own synthetic data set, generated once: the overrides that point a run at it."""
-    from recap_app.train import ensure_synthetic_data
-
     root = tmp_path_factory.mktemp("data")
     ensure_synthetic_data(str(root), load_config("local", []))
     return [f"data.train_url={root}/train", f"data.eval_url={root}/eval"]
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECAP_FAULT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAULT_")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra or {})
     return env
@@ -128,14 +130,15 @@ def _run(
 
 
 def _torchrun(out: str, *overrides: str) -> list[str]:
-    return [*TORCHRUN, "-m", "recap_app.train", "--output", out, *overrides]
+    return [*TORCHRUN, FAULT_MAIN, "--output", out, *overrides]
 
 
 def _torchx(out: Path, max_retries: int, env: dict[str, str], *overrides: str) -> list[str]:
-    env_arg = ",".join(f"{k}={v}" for k, v in env.items())
+    env_arg = ",".join(f"{k}={v}" for k, v in {**env, "PYTHONPATH": str(Path(FAULT_MAIN).parent)}.items())
     return [
-        str(VENV_BIN / "torchx"), "run", "-s", "local_cwd", "recap.train", "-j", "1x2",
-        "--max_retries", str(max_retries), "--env", env_arg, "--output", str(out), "--", *overrides,
+        str(VENV_BIN / "torchx"), "run", "-s", "local_cwd", f"{FAULT_COMPONENTS}:train_with_faults",
+        "-j", "1x2", "--max_retries", str(max_retries), "--env", env_arg, "--output", str(out),
+        "--", *overrides,
     ]  # fmt: skip
 
 
@@ -206,11 +209,11 @@ def test_torchx_rank_sigkilled_mid_training_resumes_and_finishes(tmp_path, datas
     restarts both ranks, which resume from the newest complete checkpoint and finish all 40 steps."""
     out, once = tmp_path / "run", tmp_path / "fired"
     fault = {
-        "RECAP_FAULT_KILL_AT_STEP": "35",
-        "RECAP_FAULT_KILL_RANK": "1",
-        "RECAP_FAULT_ONCE_FILE": str(once),
+        "FAULT_KILL_AT_STEP": "35",
+        "FAULT_KILL_RANK": "1",
+        "FAULT_ONCE_FILE": str(once),
     }
-    steps = ["training.num_train_steps=40", "training.checkpoint_every_n=10", "training.keep_latest_k=3"]
+    steps = ["training.num_train_steps=40", "checkpoint.every_n=10", "checkpoint.keep_latest_k=3"]
     cmd = _torchx(out, 2, fault, *steps, *FAST, *dataset)
     rc, log = _run(cmd, tmp_path / "torchx.log", _env(), str(tmp_path), timeout=200)
     assert rc == 0 and "SUCCEEDED" in log, _tail(log)
@@ -231,8 +234,8 @@ def test_torchx_rank_killed_inside_checkpoint_save(tmp_path, dataset):
     restarted attempt ignores the partial step-20, resumes from step 10, saves step 20 again into the
     same folder (a complete, loadable checkpoint), and keep-latest-k prunes as usual."""
     out, once = tmp_path / "run", tmp_path / "fired"
-    fault = {"RECAP_FAULT_KILL_IN_SAVE_STEP": "20", "RECAP_FAULT_ONCE_FILE": str(once)}
-    steps = ["training.num_train_steps=40", "training.checkpoint_every_n=10", "training.keep_latest_k=3"]
+    fault = {"FAULT_KILL_IN_SAVE_STEP": "20", "FAULT_ONCE_FILE": str(once)}
+    steps = ["training.num_train_steps=40", "checkpoint.every_n=10", "checkpoint.keep_latest_k=3"]
     cmd = _torchx(out, 1, fault, *steps, *FAST, *dataset)
     rc, log = _run(cmd, tmp_path / "torchx.log", _env(), str(tmp_path), timeout=200)
     assert rc == 0 and "SUCCEEDED" in log, _tail(log)
@@ -258,16 +261,16 @@ def test_resume_is_bit_exact(tmp_path, dataset):
     entries differed at step 30; without dropout it was already bit-exact)."""
     config = load_config("local", [])
     assert any(t.mlp and t.mlp.dropout for t in config.model.tasks.values()), "the check needs dropout"
-    steps = ["training.num_train_steps=30", "training.checkpoint_every_n=10", "training.keep_latest_k=0"]
+    steps = ["training.num_train_steps=30", "checkpoint.every_n=10", "checkpoint.keep_latest_k=0"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     marker = str(tmp_path)
 
     rc, log_a = _run(
-        _torchrun(a, *steps, *FAST, *dataset, "training.eval_every_n=7"), tmp_path / "a.log", _env(), marker
+        _torchrun(a, *steps, *FAST, *dataset, "eval.every_n=7"), tmp_path / "a.log", _env(), marker
     )
     assert rc == 0, _tail(log_a)
     assert log_a.count("eval loss") == 5  # steps 7, 14, 21, 28 and the final one
-    kill = {"RECAP_FAULT_KILL_AT_STEP": "25", "RECAP_FAULT_KILL_RANK": "1"}
+    kill = {"FAULT_KILL_AT_STEP": "25", "FAULT_KILL_RANK": "1"}
     rc, log_b1 = _run(_torchrun(b, *steps, *FAST, *dataset), tmp_path / "b1.log", _env(kill), marker)
     assert rc != 0 and "FAULT INJECTION: SIGKILL rank 1 after step 25" in log_b1, _tail(log_b1)
     rc, log_b2 = _run(_torchrun(b, *steps, *FAST, *dataset), tmp_path / "b2.log", _env(), marker)
@@ -312,15 +315,15 @@ def test_object_store_outage_during_saves(s3_server, tmp_path, dataset, monkeypa
         {
             **s3_server.env,
             "AWS_MAX_ATTEMPTS": "1",  # botocore: fail a request to a stopped store in ~0.5 s, not ~7 s
-            "RECAP_FAULT_PAUSE_IN_SAVE_STEPS": "20",
-            "RECAP_FAULT_PAUSE_BEFORE_SAVE_STEPS": "30,40,50",
-            "RECAP_FAULT_PAUSE_DIR": str(pauses),
+            "FAULT_PAUSE_IN_SAVE_STEPS": "20",
+            "FAULT_PAUSE_BEFORE_SAVE_STEPS": "30,40,50",
+            "FAULT_PAUSE_DIR": str(pauses),
         }
     )
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     storage.fsspec_clear_instance_caches()
-    steps = ["training.num_train_steps=50", "training.checkpoint_every_n=10", "training.keep_latest_k=3"]
+    steps = ["training.num_train_steps=50", "checkpoint.every_n=10", "checkpoint.keep_latest_k=3"]
     job = Job(_torchrun(out, *steps, *FAST, *dataset), tmp_path / "train.log", env, str(tmp_path))
 
     def pause(tag: str) -> None:

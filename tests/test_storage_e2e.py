@@ -53,10 +53,10 @@ SECRETS = {"AWS_SECRET_ACCESS_KEY": AWS_SECRET, "Azure account key": AZURE_KEY}
 # Tiny runs: 20 steps with checkpoints and embedding logs every 10, a metrics record every 5 steps,
 # eval on 4 batches per rank at the last step only.
 RUN_OVERRIDES = [
-    "training.checkpoint_every_n=10",
-    "training.embedding_log_every_n=10",
+    "checkpoint.every_n=10",
+    "embedding_log.every_n=10",
     "training.log_every_n=5",
-    "training.num_eval_steps=4",
+    "eval.num_batches=4",
 ]
 EVAL_BATCHES = 4  # per rank, of global_batch_size / 2 examples
 
@@ -286,7 +286,7 @@ def test_torchx_local_cwd_s3_train_and_resume(s3_server, tmp_path, monkeypatch):
         cmd = [
             shutil.which("torchx", path=env["PATH"]), "run", "-s", "local_cwd", "--log", "recap.train",
             "-j", "1x2", "--output", out, "--",
-            f"training.num_train_steps={steps}", "training.checkpoint_every_n=10",
+            f"training.num_train_steps={steps}", "checkpoint.every_n=10",
         ]  # fmt: skip
         res = run(cmd, env=env, cwd=cwd, timeout=240, what=f"torchx run ({steps} steps)")
         assert_no_secrets(res.output, f"torchx log ({steps} steps)")
@@ -324,7 +324,7 @@ def author_table(num_embeddings: int, embedding_dim: int) -> str:
     )
 
 
-AUTHOR_KEY = "model.model.embedding_bag_collection.embedding_bags.author.weight"
+AUTHOR_KEY = "model.embedding_bag_collection.embedding_bags.author.weight"
 
 
 @dataclass
@@ -349,13 +349,13 @@ def warm_start(full_path, stores, tmp_path_factory) -> WarmStart:
     data = f"{full_path.urls['s3']}/data"
     tmp = tmp_path_factory.mktemp("warm")
     cfg = yaml.safe_load(resources.files("recap_app.configs").joinpath("local.yaml").read_text())
-    cfg["data"]["storage_options"] = options
+    cfg["storage"] = {"options": options}
     cfg_path = tmp / "with-credentials.yaml"  # in a file, so the secret is not on any command line
     cfg_path.write_text(yaml.safe_dump(cfg))
     common = [
-        "--config", str(cfg_path), f"training.initial_checkpoint={source}",
+        "--config", str(cfg_path), f"checkpoint.initial_checkpoint={source}",
         f"data.train_url={data}/train", f"data.eval_url={data}/eval",
-        "training.log_every_n=1", "training.num_eval_steps=2", "training.embedding_log_every_n=0",
+        "training.log_every_n=1", "eval.num_batches=2", "embedding_log.every_n=0",
     ]  # fmt: skip
     jobs = [
         ["--output", output, f"training.num_train_steps={WARM_STEPS}", *common],
@@ -414,10 +414,10 @@ def test_warm_start(warm_start: WarmStart):
 
     url = f"{out}/checkpoints/step-{WARM_STEPS}"
     key = "optimizer.state.model.backbone.mask_blocks.0.hidden_layer.weight.step"
-    got = {key: torch.tensor(0.0), "train": {"step": -1}}
+    got = {key: torch.tensor(0.0), "train_state": {"step": torch.tensor(-1)}}
     dcp.load(got, storage_reader=FsspecReader(url, **opts), no_dist=True)
     assert got[key].item() == WARM_STEPS
-    assert got["train"]["step"] == WARM_STEPS
+    assert got["train_state"]["step"].item() == WARM_STEPS
 
 
 def test_storage_options_secret_redacted(warm_start: WarmStart):
@@ -428,8 +428,8 @@ def test_storage_options_secret_redacted(warm_start: WarmStart):
     assert len(config_lines) == 2, config_lines  # one per job, rank 0 only
     for line in config_lines:
         logged = json.loads(line.split(" INFO config: ", 1)[1])
-        assert logged["data"]["storage_options"]["secret"] == storage.REDACTED
-        assert logged["data"]["storage_options"]["endpoint_url"] == warm_start.storage_options["endpoint_url"]
+        assert logged["storage"]["options"]["secret"] == storage.REDACTED
+        assert logged["storage"]["options"]["endpoint_url"] == warm_start.storage_options["endpoint_url"]
     fs, path = storage.url_to_fs(f"{warm_start.output}/metrics.jsonl", warm_start.storage_options)
     with fs.open(path, "r") as f:
         assert_no_secrets(f.read(), "warm start metrics.jsonl")
@@ -458,7 +458,7 @@ def test_export_mismatch_names_keys(full_path: FullPath, tmp_path):
     assert msg.startswith(f"recap: error: checkpoint {run_url}/checkpoints/step-30 does not match the model")
     assert f"{AUTHOR_KEY}: checkpoint (1000, 16) vs model (1000, 8)" in msg
     assert (
-        "model.model.backbone.mask_blocks.0.hidden_layer.weight: checkpoint (64, 72) vs model (64, 64)" in msg
+        "model.backbone.mask_blocks.0.hidden_layer.weight: checkpoint (64, 72) vs model (64, 64)" in msg
     )
     assert "Traceback" not in msg  # DCP's per-rank tracebacks are summarised, not pasted
     assert "not in model" not in msg

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from recap_app.summary import summarize
 
 VENV_BIN = Path(sys.executable).parent
-FAST = ["training.log_every_n=5", "training.eval_every_n=0", "training.num_eval_steps=2"]
+FAST = ["training.log_every_n=5", "eval.every_n=0", "eval.num_batches=2"]
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> str:
@@ -38,7 +38,7 @@ def test_torchx_local_two_ranks_then_resume(tmp_path: Path) -> None:
     anywhere = tmp_path / "elsewhere"  # not the repo: no .torchxconfig, no package source beside it
     anywhere.mkdir()
     out = tmp_path / "run"
-    log = _torchx_train(out, anywhere, "training.num_train_steps=20", "training.checkpoint_every_n=10")
+    log = _torchx_train(out, anywhere, "training.num_train_steps=20", "checkpoint.every_n=10")
     assert "sharding plan" in log
     for step in (10, 20):
         assert (out / f"checkpoints/step-{step}/.metadata").exists()
@@ -53,7 +53,7 @@ def test_torchx_local_two_ranks_then_resume(tmp_path: Path) -> None:
     assert steps == [5, 10, 15, 20]
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
 
-    log = _torchx_train(out, anywhere, "training.num_train_steps=30", "training.checkpoint_every_n=10")
+    log = _torchx_train(out, anywhere, "training.num_train_steps=30", "checkpoint.every_n=10")
     assert "at step 20" in log and "resumed from" in log
     records = _metrics(out)
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]

@@ -22,35 +22,45 @@ def _python() -> str:
     return f'PY={here}; [ -x "$PY" ] || PY=python3; exec "$PY"'
 
 
+class _noquote(str):
+    """An argument holding a shell expansion, passed to bash unquoted (as torchx's dist.py marks them)."""
+
+
+def _shell_words(words: List[str]) -> str:
+    return " ".join(w if isinstance(w, _noquote) else shlex.quote(w) for w in words)
+
+
 def _local_url(url: str) -> str:
     """Make a local output path absolute at submit time so the job writes where the user meant."""
     return url if "://" in url or not url else os.path.abspath(url)
 
 
-def _torchrun_role(
+def torchrun_role(
     name: str,
     module: str,
     module_args: List[str],
     *,
     j: str,
-    image: str,
-    cpu: int,
-    gpu: int,
-    memMB: int,
-    h: Optional[str],
-    env: Optional[Dict[str, str]],
-    max_retries: int,
-    rdzv_port: int,
-    mounts: Optional[List[str]],
-    debug: bool,
+    image: str = torchx.IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    mounts: Optional[List[str]] = None,
+    debug: bool = False,
 ) -> specs.Role:
-    """One role of N replicas, each running torchrun with P processes: torchx's dist.ddp recipe."""
+    """One role of N replicas, each running `python -m torch.distributed.run ... -m MODULE ARGS` with P
+    processes (torchx's dist.ddp recipe plus torchrun restarts = max_retries). Public for components
+    that run a program wrapping recap's mains (e.g. `recap_app.train.main` with callbacks)."""
     min_nnodes, max_nnodes, nproc_per_node, nnodes_rep = parse_nnodes(j)
     if max_nnodes == 1:
         rdzv_endpoint = "localhost:0"  # one node: torchrun picks a free port
     else:
         # The scheduler sets the rank-0 host variable (TORCHX_RANK0_HOST, SLURM_..., VC_..._HOSTS).
-        rdzv_endpoint = f"$${{{macros.rank0_env}:=localhost}}:{rdzv_port}"
+        rdzv_endpoint = _noquote(f"$${{{macros.rank0_env}:=localhost}}:{rdzv_port}")
     role_env = dict(env or {})
     if max_nnodes > 1:
         # torchrun shares one rendezvous store across restart attempts; restarted workers then meet the
@@ -75,15 +85,13 @@ def _torchrun_role(
         "--tee", "3",
         "-m", module,
     ]  # fmt: skip
-    # rdzv_endpoint holds a shell expansion: quote everything else only.
-    words = [w if w is rdzv_endpoint else shlex.quote(w) for w in torchrun + module_args]
     return specs.Role(
         name=name,
         image=image,
         min_replicas=min_nnodes,
         num_replicas=int(max_nnodes),
         entrypoint="bash",
-        args=["-c", f"{_python()} {' '.join(words)}"],
+        args=["-c", f"{_python()} {_shell_words(torchrun + module_args)}"],
         env=role_env,
         resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
         port_map={"c10d": rdzv_port},
@@ -130,7 +138,7 @@ def train(
         debug: enable torch.distributed debug flags
     """
     args = ["--config", config, "--output", _local_url(output), *overrides]
-    role = _torchrun_role(
+    role = torchrun_role(
         "trainer", "recap_app.train", args, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
         env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
     )  # fmt: skip
@@ -179,7 +187,7 @@ def evaluate(
         "--config", config, "--checkpoint", _local_url(checkpoint), "--data", _local_url(data),
         "--output", _local_url(output), "--num-batches", str(num_batches), *overrides,
     ]  # fmt: skip
-    role = _torchrun_role(
+    role = torchrun_role(
         "evaluator", "recap_app.evaluate", args, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
         env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, debug=False,
     )  # fmt: skip
@@ -225,7 +233,7 @@ def generate_data(
         name="generator",
         image=image,
         entrypoint="bash",
-        args=["-c", f"{_python()} {' '.join(shlex.quote(a) for a in args)}"],
+        args=["-c", f"{_python()} {_shell_words(args)}"],
         env={"PYTHONUNBUFFERED": "1", **(env or {})},
         resource=specs.resource(cpu=cpu, gpu=0, memMB=memMB),
         mounts=specs.parse_mounts(mounts) if mounts else [],

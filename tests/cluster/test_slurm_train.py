@@ -10,10 +10,10 @@ pytestmark = pytest.mark.cluster
 
 TINY = [
     "training.num_train_steps=20",
-    "training.checkpoint_every_n=10",
+    "checkpoint.every_n=10",
     "training.log_every_n=5",
-    "training.eval_every_n=0",
-    "training.num_eval_steps=2",
+    "eval.every_n=0",
+    "eval.num_batches=2",
 ]
 
 

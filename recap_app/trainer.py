@@ -1,0 +1,203 @@
+"""The Trainer: `__init__` builds every part (through builder.py) and restores them, `train()` orders the
+components, `train_step()` runs one step. Each component decides when it acts (checkpointer, validator,
+metrics, embedding logger), as in torchtitan's trainer; the loop only says which comes first.
+
+Extension points: `callbacks` (objects with `on_step_end(trainer)`, called on every rank after each step's
+components have acted) and `checkpoint_writer_factory` (see Checkpointer); tests inject faults there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from recap_app import data
+from recap_app.batch import RecapBatch
+from recap_app.builder import RANKER_PREFIX, build_training
+from recap_app.checkpoint import Checkpointer, ModuleState, WriterFactory
+from recap_app.config import RecapConfig
+from recap_app.distributed import Runtime
+from recap_app.embedding_logger import EmbeddingLogger
+from recap_app.errors import InputError
+from recap_app.evaluation import Validator, format_eval, one_pass_loader
+from recap_app.logs import log
+from recap_app.metrics_logger import MetricsLogger, MetricsWriter
+from recap_app.optimizers import learning_rate, set_learning_rate
+from recap_app.storage import join, redact
+from recap_app.synthetic_data import ensure_synthetic_data
+
+
+class ResumeMismatchError(InputError):
+    """The run under --output was trained with another world size or per-rank batch."""
+
+
+class TrainerCallback(Protocol):
+    def on_step_end(self, trainer: Trainer) -> None: ...
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed the global RNG (dropout's) from (seed, rank, step) before each step, so a resumed run draws
+    the same masks as an uninterrupted one whatever consumed random numbers before (model init, eval and
+    its data loader's base seed): without it a resume was not bit-exact. CPU and CUDA generators alike."""
+    torch.manual_seed(hash((seed, rank, step)) & 0xFFFF_FFFF_FFFF_FFFF)  # int tuples hash reproducibly
+
+
+class Trainer:
+    """Trains `config` on `runtime` to training.num_train_steps, resuming from the newest complete
+    checkpoint under training.save_dir. Its own state (`train_state` in checkpoints) is the step, the
+    world size, the per-rank batch and the data position."""
+
+    def __init__(
+        self,
+        config: RecapConfig,
+        runtime: Runtime,
+        *,
+        callbacks: Sequence[TrainerCallback] = (),
+        checkpoint_writer_factory: WriterFactory | None = None,
+    ) -> None:
+        self.config, self.runtime, self.callbacks = config, runtime, list(callbacks)
+        self.step = 0
+        self.lr = 0.0
+        self.per_rank_batch = config.data.per_rank_batch_size(runtime.world_size)
+        save_dir, opts = config.training.save_dir, config.storage.options
+        log(f"config: {json.dumps(redact(config.model_dump(mode='json')), sort_keys=True)}")
+        self.train_url, eval_url = self._data_urls()
+        parts = build_training(config, runtime)
+        self.model, self.optimizer, self.dense_optimizer = parts.model, parts.optimizer, parts.dense_optimizer
+        self.checkpointer = Checkpointer(
+            config.checkpoint,
+            join(save_dir, "checkpoints"),
+            {
+                "model": ModuleState(self.model, RANKER_PREFIX),
+                "optimizer": self.optimizer,
+                "train_state": self,
+            },
+            storage_options=opts,
+            process_group=runtime.checkpoint_group,
+            writer_factory=checkpoint_writer_factory,
+        )
+        self.checkpointer.load()
+        self.validator = Validator(
+            config.eval, *one_pass_loader(eval_url, config, runtime), config.task_names
+        )
+        self.embedding_logger = EmbeddingLogger(config.embedding_log, join(save_dir, "embeddings"), opts)
+        writer = MetricsWriter(save_dir, opts, resume_step=self.step) if runtime.rank == 0 else None
+        self.metrics = MetricsLogger(
+            log_every_n=config.training.log_every_n,
+            task_names=config.task_names,
+            device=runtime.device,
+            writer=writer,
+        )
+        self.pipeline = TrainPipelineSparseDist(
+            self.model, self.optimizer, runtime.device, execute_all_batches=True
+        )
+
+    # ------------------------------------------------------------------------------------ train state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only, so loading it needs no unpickling of arbitrary objects."""
+        return {
+            "step": torch.tensor(self.step),
+            "world_size": torch.tensor(self.runtime.world_size),
+            "per_rank_batch_size": torch.tensor(self.per_rank_batch),
+            # The data position: every rank has consumed `step` batches of its own share.
+            "examples_seen": torch.tensor(self.step * self.config.data.global_batch_size),
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        saved = int(state["world_size"]), int(state["per_rank_batch_size"])
+        here = self.runtime.world_size, self.per_rank_batch
+        if saved != here:
+            raise ResumeMismatchError(
+                f"cannot resume {self.checkpointer.root}: trained with world size {saved[0]} and per-rank "
+                f"batch {saved[1]}, this run has world size {here[0]} and per-rank batch {here[1]} (its "
+                "data position would not be exact); use the same -j and data.global_batch_size, or a new "
+                "--output"
+            )
+        self.step = int(state["step"])
+
+    # ----------------------------------------------------------------------------------------- build
+    def _data_urls(self) -> tuple[str, str]:
+        """The configured train/eval URLs, or the embedded synthetic dataset under {save_dir}/data."""
+        dc = self.config.data
+        if dc.train_url and dc.eval_url:
+            return dc.train_url, dc.eval_url
+        if self.runtime.rank == 0:
+            ensure_synthetic_data(join(self.config.training.save_dir, "data"), self.config)
+        dist.barrier()
+        root = join(self.config.training.save_dir, "data")
+        return dc.train_url or join(root, "train"), dc.eval_url or join(root, "eval")
+
+    def _train_batches(self) -> Iterator[RecapBatch]:
+        """This rank's share of the training data, repeating, past the batches earlier runs trained on."""
+        loader = data.make_dataloader(
+            self.train_url,
+            self.config,
+            self.per_rank_batch,
+            self.runtime.rank,
+            self.runtime.world_size,
+            num_workers=self.config.data.num_workers,
+            repeat=True,
+            shuffle_seed=self.config.training.seed,
+            skip_batches=self.step,
+            storage_options=self.config.storage.options,
+        )
+        return iter(loader)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        """Run the remaining steps; each component acts at the steps it chooses, the last step included."""
+        total, rt = self.config.training.num_train_steps, self.runtime
+        if self.step >= total:
+            log(f"nothing to do: step {self.step} >= training.num_train_steps={total}")
+            self.close()
+            return {"step": self.step, "save_dir": self.config.training.save_dir}
+        batches = self._train_batches()
+        self.metrics.start(self.step, total, self.per_rank_batch, rt.world_size)
+        log(
+            f"training steps {self.step}..{total} on {rt.world_size} rank(s), batch {self.per_rank_batch}"
+            f"/rank ({self.config.data.global_batch_size} global), data {self.train_url}, "
+            f"output {self.config.training.save_dir}"
+        )
+        last_eval: dict[str, float] = {}
+        self.model.train()
+        while self.step < total:
+            self.train_step(batches)
+            last = self.step == total
+            if self.metrics.should_log(self.step, last):
+                self.metrics.log(self.step, self.lr)
+            if self.validator.should_validate(self.step, last):
+                last_eval = self.validate()
+            self.checkpointer.save(self.step, last_step=last)
+            self.embedding_logger.maybe_log(self.model, self.step, last)
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+        self.close()
+        summary = {"step": self.step, "save_dir": self.config.training.save_dir, "eval": last_eval}
+        log(f"done: {json.dumps(summary, sort_keys=True)}")
+        return summary
+
+    def train_step(self, batches: Iterator[RecapBatch]) -> dict[str, torch.Tensor]:
+        """One optimizer step on the next batch (the pipeline already holds the following ones)."""
+        self.lr = learning_rate(self.step, self.config.optimizer.dense)
+        set_learning_rate(self.dense_optimizer, self.lr)
+        seed_step(self.config.training.seed, self.runtime.rank, self.step)
+        outputs = self.pipeline.progress(batches)
+        self.step += 1
+        self.metrics.record(outputs)
+        return outputs
+
+    def validate(self) -> dict[str, float]:
+        self.pipeline.detach()  # the model is called directly; the next progress() re-attaches it
+        metrics = self.validator.validate(self.model, self.runtime)
+        log(f"step {self.step}: {format_eval(metrics, self.config.task_names)}")
+        self.metrics.log_eval(self.step, metrics)
+        return metrics
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
