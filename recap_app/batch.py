@@ -16,6 +16,8 @@ class RecapBatch(Pipelineable):
     sparse_features: KeyedJaggedTensor  # one key per sparse id feature
     labels: torch.Tensor  # [B, num_tasks] float32
     weights: torch.Tensor  # [B, num_tasks] float32
+    # Where the rows came from ("<file> row group <i>; ..."), for errors about this batch.
+    source: str = ""
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RecapBatch:
         return RecapBatch(
@@ -24,6 +26,7 @@ class RecapBatch(Pipelineable):
             sparse_features=self.sparse_features.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
+            source=self.source,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -38,6 +41,7 @@ class RecapBatch(Pipelineable):
             sparse_features=self.sparse_features.pin_memory(),
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
+            source=self.source,
         )
 
     @property

@@ -219,14 +219,21 @@ class OptimizerConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------ run components
+class NonFinitePolicy(enum.StrEnum):
+    FAIL = "fail"  # stop the job, naming the step, the task(s) and the batch's source
+    SKIP = "skip"  # skip that batch's update (as AMP's GradScaler does), fail after too many in a row
+
+
 class TrainingConfig(StrictModel):
-    """The loop itself: where the run lives, how long, its seed and how often it logs."""
+    """The loop itself: where the run lives, how long, its seed, how often it logs, what a NaN does."""
 
     save_dir: str = "runs/recap"
     num_train_steps: int = Field(gt=0)
     seed: int = 0
     log_every_n: int = Field(10, gt=0)
     use_row_wise_cpu_sharder: bool = True
+    on_nonfinite: NonFinitePolicy = NonFinitePolicy.FAIL
+    max_consecutive_nonfinite: int = Field(10, gt=0)
 
 
 class CheckpointConfig(StrictModel):

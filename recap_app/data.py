@@ -27,8 +27,9 @@ column                  Arrow type                                   meaning
 Also accepted on read (Spark and friends write these): ``list<float>`` / ``large_list`` for
 ``continuous`` / ``binary`` when every row has the configured width, any integer list type for id
 features, and any numeric or boolean type for labels and weights (all cast to the types above).
-Missing columns, a wrong fixed-list width, nulls in dense / label / weight columns and ids outside
-their table raise ``ParquetSchemaError`` naming the file URL and the column(s).
+Missing columns, a wrong fixed-list width, nulls in dense / label / weight columns, labels other than
+0 / 1, weights that are negative or not finite, and ids outside their table raise ``ParquetSchemaError``
+naming the file URL, the row group and the column(s).
 
 A batch is a ``RecapBatch``: continuous [B, N_c] and binary [B, N_b] float32, a ``KeyedJaggedTensor``
 whose keys are the sparse feature names in config order (lengths int32, values int64), labels and
@@ -189,6 +190,7 @@ class Columns:
     sparse: list[tuple[np.ndarray, np.ndarray]]  # per feature: offsets int64 [n + 1], ids int64
     labels: np.ndarray  # [n, T] float32
     weights: np.ndarray  # [n, T] float32
+    sources: tuple[str, ...] = ()  # the row groups these rows came from (for error messages)
 
     @property
     def num_rows(self) -> int:
@@ -205,6 +207,7 @@ class Columns:
             sparse,
             self.labels[start:stop],
             self.weights[start:stop],
+            self.sources,
         )
 
     def padding(self, num_rows: int) -> Columns:
@@ -218,7 +221,12 @@ class Columns:
             gather = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
             sparse.append((new_offsets, values[gather]))
         return Columns(
-            self.continuous[idx], self.binary[idx], sparse, self.labels[idx], np.zeros_like(self.weights[idx])
+            self.continuous[idx],
+            self.binary[idx],
+            sparse,
+            self.labels[idx],
+            np.zeros_like(self.weights[idx]),
+            self.sources,
         )
 
     @staticmethod
@@ -237,6 +245,7 @@ class Columns:
             sparse,
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.weights for p in parts]),
+            tuple(dict.fromkeys(s for p in parts for s in p.sources)),
         )
 
     def to_batch(self, keys: Sequence[str]) -> RecapBatch:
@@ -261,6 +270,7 @@ class Columns:
             sparse_features=kjt,
             labels=torch.from_numpy(self.labels.copy()),
             weights=torch.from_numpy(self.weights.copy()),
+            source="; ".join(self.sources),
         )
 
     def to_arrow(self, layout: Layout) -> pa.Table:
@@ -336,14 +346,30 @@ def _ids(table: pa.Table, name: str, size: int, where: str) -> tuple[np.ndarray,
     return offsets, ids
 
 
+def _targets(table: pa.Table, columns: Sequence[str], where: str, *, labels: bool) -> np.ndarray:
+    """Labels ([rows, tasks], each 0 or 1) or weights (finite, >= 0): anything else would train on
+    garbage (a NaN loss, or a label 5 read as a probability target), so it fails naming the column."""
+    values = np.stack([_scalar(table, c, where) for c in columns], axis=1)
+    bad = ~((values == 0) | (values == 1)) if labels else ~(np.isfinite(values) & (values >= 0))
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        what = "labels must be 0 or 1" if labels else "weights must be finite and >= 0"
+        raise ParquetSchemaError(
+            f"{where}: column {columns[cols[0]]!r}: {what}, got {float(values[rows[0], cols[0]])} in row "
+            f"{rows[0]} ({int(bad.sum())} bad value(s) in this row group)"
+        )
+    return values
+
+
 def _decode(table: pa.Table, layout: Layout, where: str) -> Columns:
     """Arrow row group -> Columns; `where` ("<url> row group <i>") names the place in errors."""
     return Columns(
         _dense(table, CONTINUOUS, layout.num_continuous, where),
         _dense(table, BINARY, layout.num_binary, where),
         [_ids(table, f, size, where) for f, size in zip(layout.features, layout.table_sizes, strict=True)],
-        np.stack([_scalar(table, label_column(t), where) for t in layout.tasks], axis=1),
-        np.stack([_scalar(table, weight_column(t), where) for t in layout.tasks], axis=1),
+        _targets(table, [label_column(t) for t in layout.tasks], where, labels=True),
+        _targets(table, [weight_column(t) for t in layout.tasks], where, labels=False),
+        (where,),
     )
 
 
@@ -633,6 +659,8 @@ class ParquetBatchReader(IterableDataset):
                     yield pending.slice(start, start + size)
                     start += size
                 pending = pending.slice(start, pending.num_rows)
+                if pending.num_rows <= cols.num_rows:  # the rows left over all come from this row group
+                    pending.sources = (where,)
         finally:
             if current is not None:
                 current[1].close()

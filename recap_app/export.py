@@ -18,6 +18,7 @@ from recap_app.checkpoint import load_model_weights, resolve_checkpoint
 from recap_app.config import RecapConfig, load_config
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import log, setup_logging
+from recap_app.nonfinite import NonFiniteError, nonfinite_names
 from recap_app.ranker import RecapRanker
 from recap_app.storage import write
 
@@ -43,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         url = resolve_checkpoint(args.checkpoint, config.storage.options)
         ranker = load_unsharded(config, url, config.storage.options)
+        bad = nonfinite_names(ranker.state_dict())
+        if bad:
+            raise NonFiniteError(
+                f"checkpoint {url} holds NaN / inf in {len(bad)} tensor(s) {bad[:5]}: not exported"
+            )
     buf = io.BytesIO()
     torch.save(ranker.state_dict(), buf)
     write(args.output, buf.getvalue(), config.storage.options)

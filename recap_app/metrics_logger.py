@@ -131,13 +131,20 @@ class MetricsLogger:
     def should_log(self, step: int, last_step: bool = False) -> bool:
         return last_step or step % self.log_every_n == 0
 
-    def log(self, step: int, lr: float) -> dict[str, Any]:
-        """Collective: the window's mean losses over every rank, logged and written by rank 0."""
-        names = sorted(self._sums)
-        means = torch.stack([self._sums[k] for k in names]).to(self.device) / self._steps
+    def log(self, step: int, lr: float, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Collective: the window's mean losses over every rank, logged and written by rank 0 with `extra`.
+        A window whose every step was skipped (non-finite) has no losses: they are logged as NaN."""
+        names = ["loss", *(f"loss/{t}" for t in self.task_names)]
+        sums = [self._sums.get(k, torch.tensor(float("nan"), device=self.device)) for k in names]
+        means = torch.stack(sums).to(self.device) / max(self._steps, 1)
         dist.all_reduce(means)
         means = (means / dist.get_world_size()).tolist()
-        record: dict[str, Any] = {"step": step, "lr": lr, **dict(zip(names, means, strict=True))}
+        record: dict[str, Any] = {
+            "step": step,
+            "lr": lr,
+            **dict(zip(names, means, strict=True)),
+            **(extra or {}),
+        }
         record.update(self.progress.report(step))
         self._sums, self._steps = {}, 0
         total = self.progress.total

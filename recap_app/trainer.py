@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from recap_app import data
 from recap_app.batch import RecapBatch
@@ -27,6 +26,7 @@ from recap_app.errors import InputError
 from recap_app.evaluation import Validator, format_eval, one_pass_loader
 from recap_app.logs import log
 from recap_app.metrics_logger import MetricsLogger, MetricsWriter
+from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
 from recap_app.optimizers import learning_rate, set_learning_rate
 from recap_app.storage import join, redact
 from recap_app.synthetic_data import ensure_synthetic_data
@@ -93,8 +93,12 @@ class Trainer:
             device=runtime.device,
             writer=writer,
         )
-        self.pipeline = TrainPipelineSparseDist(
-            self.model, self.optimizer, runtime.device, execute_all_batches=True
+        tc = config.training
+        self.guard = NonFiniteGuard(
+            tc.on_nonfinite, tc.max_consecutive_nonfinite, config.task_names, runtime.device
+        )
+        self.pipeline = GuardedTrainPipeline(
+            self.model, self.optimizer, runtime.device, execute_all_batches=True, guard=self.guard
         )
 
     # ------------------------------------------------------------------------------------ train state
@@ -163,33 +167,55 @@ class Trainer:
             f"/rank ({self.config.data.global_batch_size} global), data {self.train_url}, "
             f"output {self.config.training.save_dir}"
         )
-        last_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
         self.model.train()
-        while self.step < total:
-            self.train_step(batches)
-            last = self.step == total
-            if self.metrics.should_log(self.step, last):
-                self.metrics.log(self.step, self.lr)
-            if self.validator.should_validate(self.step, last):
-                last_eval = self.validate()
-            self.checkpointer.save(self.step, last_step=last)
-            self.embedding_logger.maybe_log(self.model, self.step, last)
-            for callback in self.callbacks:
-                callback.on_step_end(self)
+        try:
+            while self.step < total:
+                self.train_step(batches)
+                self._components_act(last_step=self.step == total)
+                for callback in self.callbacks:
+                    callback.on_step_end(self)
+        except NonFiniteError:
+            self.checkpointer.wait()  # an earlier, finite checkpoint in flight still lands
+            raise
         self.close()
-        summary = {"step": self.step, "save_dir": self.config.training.save_dir, "eval": last_eval}
+        summary = {"step": self.step, "save_dir": self.config.training.save_dir, "eval": self.last_eval}
         log(f"done: {json.dumps(summary, sort_keys=True)}")
         return summary
 
     def train_step(self, batches: Iterator[RecapBatch]) -> dict[str, torch.Tensor]:
-        """One optimizer step on the next batch (the pipeline already holds the following ones)."""
+        """One optimizer step on the next batch (the pipeline already holds the following ones); under
+        the skip policy a non-finite batch's update is left out and its losses are not logged."""
         self.lr = learning_rate(self.step, self.config.optimizer.dense)
         set_learning_rate(self.dense_optimizer, self.lr)
         seed_step(self.config.training.seed, self.runtime.rank, self.step)
+        self.pipeline.step = self.step + 1
         outputs = self.pipeline.progress(batches)
         self.step += 1
-        self.metrics.record(outputs)
+        if not self.pipeline.skipped_last:
+            self.metrics.record(outputs)
+            self.guard.record(self.step, outputs, self.pipeline.last_source)
         return outputs
+
+    def _components_act(self, last_step: bool) -> None:
+        """Each component at the steps it chooses; the non-finite flag is read first at any of them."""
+        step = self.step
+        log_now = self.metrics.should_log(step, last_step)
+        eval_now = self.validator.should_validate(step, last_step)
+        save_now = self.checkpointer.should_save(step, last_step)
+        embed_now = self.embedding_logger.should_log(step, last_step)
+        if log_now or eval_now or save_now or embed_now:
+            self.guard.check()
+        if log_now:
+            self.metrics.log(step, self.lr, {"nonfinite_skipped": self.guard.skipped})
+        if eval_now:
+            self.last_eval = self.validate()
+        if save_now or embed_now:
+            self.guard.check_state(
+                step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            )
+        self.checkpointer.save(step, last_step=last_step)
+        self.embedding_logger.maybe_log(self.model, step, last_step)
 
     def validate(self) -> dict[str, float]:
         self.pipeline.detach()  # the model is called directly; the next progress() re-attaches it

@@ -247,6 +247,39 @@ def test_ids_outside_the_table_are_named(config, tmp_path):
         list(data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False))
 
 
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("label/recap.engagement.is_replied", [1.0, float("nan"), 0.0], r"labels must be 0 or 1, got nan"),
+        (
+            "label/recap.engagement.is_replied",
+            [1.0, 5.0, -3.0],
+            r"labels must be 0 or 1, got 5\.0 in row 1 \(2 bad",
+        ),
+        (
+            "weight/recap.engagement.is_favorited",
+            [1.0, -1.0, 0.0],
+            r"weights must be finite and >= 0, got -1\.0",
+        ),
+        (
+            "weight/recap.engagement.is_favorited",
+            [float("inf"), 1.0, 0.0],
+            r"weights must be finite.*got inf",
+        ),
+    ],
+)
+def test_bad_labels_and_weights_are_named(config, tmp_path, column, values, message):
+    """Labels other than 0/1 and negative or non-finite weights fail at decode, naming file, row group and
+    column: they would otherwise train silently (a NaN loss, or 5 read as a probability target)."""
+    cols = hand_made_columns(config)
+    cols[column] = pa.array(values, pa.float32())
+    url = write(tmp_path / "targets.parquet", cols)
+    with pytest.raises(
+        data.ParquetSchemaError, match=rf"targets\.parquet row group 0: column '{column}': {message}"
+    ):
+        list(data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False))
+
+
 def test_no_files_and_too_few_row_groups_are_clear(config, tmp_path, dataset):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         data.ParquetBatchReader(str(tmp_path / "nothing-here"), config, 8, 0, 1, repeat=True)

@@ -457,9 +457,7 @@ def test_export_mismatch_names_keys(full_path: FullPath, tmp_path):
     msg = str(err.value.code)
     assert msg.startswith(f"recap: error: checkpoint {run_url}/checkpoints/step-30 does not match the model")
     assert f"{AUTHOR_KEY}: checkpoint (1000, 16) vs model (1000, 8)" in msg
-    assert (
-        "model.backbone.mask_blocks.0.hidden_layer.weight: checkpoint (64, 72) vs model (64, 64)" in msg
-    )
+    assert "model.backbone.mask_blocks.0.hidden_layer.weight: checkpoint (64, 72) vs model (64, 64)" in msg
     assert "Traceback" not in msg  # DCP's per-rank tracebacks are summarised, not pasted
     assert "not in model" not in msg
     assert not out.exists()
