@@ -234,6 +234,10 @@ class TrainingConfig(StrictModel):
     use_row_wise_cpu_sharder: bool = True
     on_nonfinite: NonFinitePolicy = NonFinitePolicy.FAIL
     max_consecutive_nonfinite: int = Field(10, gt=0)
+    # The output's lease (recap_app/lease.py): a dead owner's lease expires after this long without a
+    # heartbeat; force_lease takes a live one over (for when you know the other run is gone).
+    lease_timeout_s: float = Field(300.0, gt=0)
+    force_lease: bool = False
 
 
 class CheckpointConfig(StrictModel):

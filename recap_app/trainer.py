@@ -24,10 +24,12 @@ from recap_app.distributed import Runtime
 from recap_app.embedding_logger import EmbeddingLogger
 from recap_app.errors import InputError
 from recap_app.evaluation import Validator, format_eval, one_pass_loader
+from recap_app.lease import OutputLease
 from recap_app.logs import log
 from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
 from recap_app.optimizers import learning_rate, set_learning_rate
+from recap_app.run_record import append_run_record
 from recap_app.storage import join, redact
 from recap_app.synthetic_data import ensure_synthetic_data
 
@@ -64,8 +66,25 @@ class Trainer:
         self.step = 0
         self.lr = 0.0
         self.per_rank_batch = config.data.per_rank_batch_size(runtime.world_size)
-        save_dir, opts = config.training.save_dir, config.storage.options
+        tc = config.training
         log(f"config: {json.dumps(redact(config.model_dump(mode='json')), sort_keys=True)}")
+        self.lease = OutputLease(
+            tc.save_dir,
+            timeout_s=tc.lease_timeout_s,
+            force=tc.force_lease,
+            storage_options=config.storage.options,
+        )
+        self.lease.acquire()
+        try:
+            self._build(checkpoint_writer_factory)
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def _build(self, checkpoint_writer_factory: WriterFactory | None) -> None:
+        """Every part, restored from the newest checkpoint (or warm-started), then the run record."""
+        config, runtime = self.config, self.runtime
+        save_dir, opts = config.training.save_dir, config.storage.options
         self.train_url, eval_url = self._data_urls()
         parts = build_training(config, runtime)
         self.model, self.optimizer, self.dense_optimizer = parts.model, parts.optimizer, parts.dense_optimizer
@@ -81,7 +100,15 @@ class Trainer:
             process_group=runtime.checkpoint_group,
             writer_factory=checkpoint_writer_factory,
         )
-        self.checkpointer.load()
+        resumed = self.checkpointer.load()
+        if runtime.rank == 0:
+            append_run_record(
+                config,
+                world_size=runtime.world_size,
+                per_rank_batch=self.per_rank_batch,
+                start_step=self.step,
+                resumed=resumed,
+            )
         self.validator = Validator(
             config.eval, *one_pass_loader(eval_url, config, runtime), config.task_names
         )
@@ -175,8 +202,10 @@ class Trainer:
                 self._components_act(last_step=self.step == total)
                 for callback in self.callbacks:
                     callback.on_step_end(self)
-        except NonFiniteError:
-            self.checkpointer.wait()  # an earlier, finite checkpoint in flight still lands
+        except BaseException as e:
+            if isinstance(e, NonFiniteError):
+                self.checkpointer.wait()  # an earlier, finite checkpoint in flight still lands
+            self.lease.release()  # this run writes no more (a kill -9 leaves it: see lease.py)
             raise
         self.close()
         summary = {"step": self.step, "save_dir": self.config.training.save_dir, "eval": self.last_eval}
@@ -211,6 +240,7 @@ class Trainer:
         if eval_now:
             self.last_eval = self.validate()
         if save_now or embed_now:
+            self.lease.check()
             self.guard.check_state(
                 step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
             )
@@ -225,5 +255,9 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
-        self.checkpointer.close()
-        self.metrics.close()
+        """Wait for the last save, close the metrics sinks, give the output's lease back."""
+        try:
+            self.checkpointer.close()
+            self.metrics.close()
+        finally:
+            self.lease.release()
