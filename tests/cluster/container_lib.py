@@ -246,11 +246,20 @@ def build_image(eng: Engine) -> Build:
             base_seconds = time.monotonic() - t0
         flags = ["--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}"]
         flags += pip_build_flags(host_pip_config(), STATE / "pip-build")
-    image = image_tag("cpu")
+    return _make(eng, "image", image_tag("cpu"), flags, base_seconds)
+
+
+def build_cuda_image(eng: Engine) -> Build:
+    """``make image-cuda`` on the Dockerfile's own bases (a CUDA base cannot be made locally) and with
+    pip's defaults: this host's pip config may prefer a local CPU torch."""
+    return _make(eng, "image-cuda", image_tag("cuda"), [], 0.0)
+
+
+def _make(eng: Engine, target: str, image: str, flags: list[str], base_seconds: float) -> Build:
     previous = _image_id(eng, image)
-    cmd = ["make", "image", f"CONTAINER_TOOL={eng.tool}", f"IMAGE_BUILD_FLAGS={shlex.join(flags)}"]
+    cmd = ["make", target, f"CONTAINER_TOOL={eng.tool}", f"IMAGE_BUILD_FLAGS={shlex.join(flags)}"]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=eng.env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=REPO, env=eng.env, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - t0
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -169,6 +169,21 @@ def test_image_runs_recap(engine, image):
     )
 
 
+def test_cuda_image_builds(engine):
+    """docker/Dockerfile.cuda builds (running it needs a GPU node); only where its bases can be pulled."""
+    dockerfile = (container_lib.REPO / "docker" / "Dockerfile.cuda").read_text()
+    for base in re.findall(r"^ARG (?:CUDA|UV)_IMAGE=(\S+)$", dockerfile, re.MULTILINE):
+        pull = engine.run("pull", base, check=False, timeout=1800)
+        if pull.returncode != 0:
+            why = (pull.stderr.strip().splitlines() or ["?"])[-1]
+            pytest.skip(f"CUDA image not built: its base {base} cannot be pulled here ({why})")
+    build = container_lib.build_cuda_image(engine)
+    _TIMINGS.append(f"{build.seconds:6.1f}s  make image-cuda: {build.image}, {build.size / 1e9:.2f} GB")
+    code = "import torch, recap_app.config; print(torch.version.cuda)"  # fbgemm_gpu needs a driver
+    probe = engine.run("run", "--rm", build.image, "python", "-c", code)
+    assert probe.stdout.strip().startswith("13."), probe.stdout + probe.stderr
+
+
 def test_podman_stopped_state(engine, image, docker_client):
     """A real container caught in podman's `stopped` state: torchx 0.7.0's local_docker crashes on it,
     recap's registered local_docker reads the exit code."""
