@@ -42,10 +42,13 @@ TABLES = ["author", "user"]
 
 @pytest.fixture(scope="module")
 def engine() -> container_lib.Engine:
+    t0 = time.monotonic()
     try:
-        return container_lib.engine()
+        eng = container_lib.engine()
     except container_lib.Unavailable as e:
         pytest.skip(f"no container engine: {e}")
+    _TIMINGS.append(f"{time.monotonic() - t0:6.1f}s  container engine: {eng.tool}")
+    return eng
 
 
 @pytest.fixture(scope="module")
