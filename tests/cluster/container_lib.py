@@ -97,19 +97,17 @@ def _docker_daemon() -> bool:
         return False
 
 
+def _installed(package: str) -> bool:
+    query = ["dpkg-query", "-W", "-f=${Status}", package]
+    return "install ok installed" in subprocess.run(query, capture_output=True, text=True).stdout
+
+
 def _apt_install(packages: list[str]) -> None:
-    missing = [
-        p
-        for p in packages
-        if "install ok installed"
-        not in subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True).stdout
-    ]
+    if not shutil.which("apt-get"):
+        raise Unavailable(f"no Docker daemon, and no apt-get to install {' '.join(packages)}")
+    missing = [p for p in packages if not _installed(p)]
     if not missing:
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise Unavailable(
-            f"no Docker daemon and {' '.join(missing)} missing: installing needs root and apt-get"
-        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -118,9 +116,11 @@ def _apt_install(packages: list[str]) -> None:
 
 
 def engine() -> Engine:
-    """Docker if its daemon answers, else podman (installed with apt when missing, root only)."""
+    """Docker if its daemon answers, else podman as root (installed with apt when missing)."""
     if _docker_daemon():
         return Engine("docker", dict(os.environ))
+    if os.geteuid() != 0:
+        raise Unavailable("no Docker daemon, and podman is set up here as root only (installs, debootstrap)")
     _apt_install(PACKAGES)
     STATE.mkdir(parents=True, exist_ok=True)
     conf = STATE / "containers.conf"
@@ -145,8 +145,7 @@ def _debian_mirror() -> str:
 
 
 def make_base_image(eng: Engine) -> None:
-    """Debootstrap ``localhost/recap-base:bookworm-py3.11`` (~45 s; kept for later builds)."""
-    _apt_install(["debootstrap"])
+    """Debootstrap ``localhost/recap-base:bookworm-py3.11`` (~70 s; kept for later builds)."""
     rootfs = STATE / "rootfs"
     shutil.rmtree(rootfs, ignore_errors=True)
     include = "--include=python3,python3-venv,ca-certificates"
@@ -174,7 +173,8 @@ def host_pip_config(pip: str = str(Path(sys.executable).with_name("pip"))) -> di
     """pip's merged configuration here (files and PIP_* variables), as {section: {key: value}}."""
     out = subprocess.run([pip, "config", "list"], capture_output=True, text=True, check=True).stdout
     config: dict[str, dict[str, str]] = {}
-    for line in out.splitlines():
+    # PIP_* variables (":env:.key") override the files, whichever order pip lists them in.
+    for line in sorted(out.splitlines(), key=lambda line: line.startswith(":env:.")):
         name, _, value = line.partition("=")
         section, _, key = name.rpartition(".")
         section = "global" if section == ":env:" else section
