@@ -8,8 +8,17 @@ EXTRAS ?= cpu,test,s3,gcs,azure,kubernetes
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 OUTPUT ?= runs/recap-local
+# Images: <IMAGE_REPO>:<version>-cpu / -cuda, the tags the README's Kubernetes commands name.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE_REPO ?= recap
+IMAGE ?= $(IMAGE_REPO):$(VERSION)-cpu
+IMAGE_CUDA ?= $(IMAGE_REPO):$(VERSION)-cuda
+# docker when a daemon answers, else podman (a docker CLI without a daemon does not count).
+CONTAINER_TOOL ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+# Extra build flags, e.g. --build-arg PYTHON_IMAGE=... (tests/cluster/container_lib.py passes its own).
+IMAGE_BUILD_FLAGS ?=
 
-.PHONY: install test test-cluster train lint
+.PHONY: install test test-cluster train lint image image-cuda
 
 $(STAMP): pyproject.toml packaging/fbgemm-gpu-cpu-shim/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +41,9 @@ train: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+image:
+	$(CONTAINER_TOOL) build -f docker/Dockerfile -t $(IMAGE) $(IMAGE_BUILD_FLAGS) .
+
+image-cuda:
+	$(CONTAINER_TOOL) build -f docker/Dockerfile.cuda -t $(IMAGE_CUDA) $(IMAGE_BUILD_FLAGS) .

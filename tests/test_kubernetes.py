@@ -10,8 +10,8 @@
 3. Submit, status and cancel against a Kubernetes API emulator on 127.0.0.1 (tests/k8s_emulator.py):
    once through the `torchx` CLI, once through the TorchX runner API, asserting on what the emulator
    received and stored.
-4. docker/: the images are not built here (no container runtime); their torch/torchrec pins and
-   extras must match pyproject.toml.
+4. docker/: their torch/torchrec pins and extras must match pyproject.toml (the CPU image is built
+   and run by tests/cluster/test_local_docker.py).
 """
 
 from __future__ import annotations
@@ -483,7 +483,7 @@ def test_volcano_job_parsing_unknown_and_missing_status() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. images (docker/ is not built here: no container runtime; keep its pins in step with pyproject)
+# 4. images (keep docker/'s pins in step with pyproject; tests/cluster/test_local_docker.py builds them)
 
 
 def pyproject() -> dict[str, Any]:

@@ -200,6 +200,6 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
 def pytest_terminal_summary(terminalreporter):
     if _TIMINGS:
-        terminalreporter.section("slurm cluster timings")
+        terminalreporter.section("cluster timings")
         for line in _TIMINGS:
             terminalreporter.write_line(line)
