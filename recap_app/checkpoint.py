@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.storage import StorageWriter
 
@@ -310,12 +311,16 @@ class Checkpointer:
             for part in self.states.values():
                 if hasattr(part, "init_state"):
                     part.init_state()  # optimizer state is lazy; DCP loads in place
-            # The train state first: it refuses a resume it cannot keep exact before the rest is read.
-            for names in (["train_state"], [n for n in self.states if n != "train_state"]):
-                state = self._state_dict(names)
-                load_checkpoint(url, state, self.storage_options, self.process_group)
-                for name in names:
-                    self.states[name].load_state_dict(state[name])
+            # The train state first (its tensors shaped as saved: the data position varies in size),
+            # so it can refuse a resume before the rest is read.
+            state = {"train_state": self._saved_tensors(url, "train_state")}
+            load_checkpoint(url, state, self.storage_options, self.process_group)
+            self.states["train_state"].load_state_dict(state["train_state"])
+            names = [n for n in self.states if n != "train_state"]
+            state = self._state_dict(names)
+            load_checkpoint(url, state, self.storage_options, self.process_group)
+            for name in names:
+                self.states[name].load_state_dict(state[name])
             log(f"resumed from {url} at step {step}")
             return True
         if self.cfg.initial_checkpoint:
@@ -324,6 +329,17 @@ class Checkpointer:
             )
             log(f"warm start: model weights from {self.cfg.initial_checkpoint} (optimizer and step fresh)")
         return False
+
+    def _saved_tensors(self, url: str, part: str) -> dict[str, torch.Tensor]:
+        """Empty tensors shaped like the checkpoint's `part.*` entries (which must all be tensors)."""
+        metadata = _reader(url, self.storage_options).read_metadata().state_dict_metadata
+        out = {}
+        for key, item in metadata.items():
+            if key.startswith(f"{part}."):
+                if not isinstance(item, TensorStorageMetadata):
+                    raise CheckpointMismatchError(f"checkpoint {url}: {key} is not a tensor")
+                out[key[len(part) + 1 :]] = torch.empty(item.size, dtype=item.properties.dtype)
+        return out
 
     def close(self) -> None:
         self.wait()

@@ -9,11 +9,13 @@ components have acted) and `checkpoint_writer_factory` (see Checkpointer); tests
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from recap_app import data
 from recap_app.batch import RecapBatch
@@ -22,7 +24,6 @@ from recap_app.checkpoint import Checkpointer, ModuleState, WriterFactory
 from recap_app.config import RecapConfig
 from recap_app.distributed import Runtime
 from recap_app.embedding_logger import EmbeddingLogger
-from recap_app.errors import InputError
 from recap_app.evaluation import Validator, format_eval, one_pass_loader
 from recap_app.lease import OutputLease
 from recap_app.logs import log
@@ -32,10 +33,6 @@ from recap_app.optimizers import learning_rate, set_learning_rate
 from recap_app.run_record import append_run_record
 from recap_app.storage import join, redact
 from recap_app.synthetic_data import ensure_synthetic_data
-
-
-class ResumeMismatchError(InputError):
-    """The run under --output was trained with another world size or per-rank batch."""
 
 
 class TrainerCallback(Protocol):
@@ -100,7 +97,12 @@ class Trainer:
             process_group=runtime.checkpoint_group,
             writer_factory=checkpoint_writer_factory,
         )
+        # Files listed and footers read once, before resuming: the row count sizes the data position.
+        self.train_loader = self._train_loader()
+        self.train_rows = self.train_loader.dataset.num_rows
+        self.data_start, self.start_step = data.DataPosition.fresh(0, self.train_rows), 0
         resumed = self.checkpointer.load()
+        self.train_loader.dataset.start = self.data_start  # read when the loader is iterated
         if runtime.rank == 0:
             append_run_record(
                 config,
@@ -129,27 +131,49 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------ train state
+    def data_position(self) -> data.DataPosition:
+        """Where the training stream stands now: the start position advanced by the steps trained since."""
+        workers = max(self.config.data.num_workers, 1)
+        return self.data_start.advance(
+            self.step - self.start_step,
+            lanes=self.runtime.world_size * workers,
+            workers=workers,
+            batch_size=self.per_rank_batch,
+            num_rows=self.train_rows,
+        )
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only, so loading it needs no unpickling of arbitrary objects."""
         return {
             "step": torch.tensor(self.step),
             "world_size": torch.tensor(self.runtime.world_size),
             "per_rank_batch_size": torch.tensor(self.per_rank_batch),
-            # The data position: every rank has consumed `step` batches of its own share.
-            "examples_seen": torch.tensor(self.step * self.config.data.global_batch_size),
+            "data_rows": torch.tensor(self.train_rows),
+            **self.data_position().to_tensors(),
         }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        saved = int(state["world_size"]), int(state["per_rank_batch_size"])
-        here = self.runtime.world_size, self.per_rank_batch
-        if saved != here:
-            raise ResumeMismatchError(
-                f"cannot resume {self.checkpointer.root}: trained with world size {saved[0]} and per-rank "
-                f"batch {saved[1]}, this run has world size {here[0]} and per-rank batch {here[1]} (its "
-                "data position would not be exact); use the same -j and data.global_batch_size, or a new "
-                "--output"
-            )
+        """Resume at the saved step and data position, on any world size and batch: the position is a
+        set of rows, dealt out again to this run's ranks (recap_app/data.py)."""
         self.step = int(state["step"])
+        saved = int(state["world_size"]), int(state["per_rank_batch_size"])
+        position = data.DataPosition.from_tensors(state)
+        if int(state["data_rows"]) != self.train_rows or any(
+            b > self.train_rows for _, b in position.segments
+        ):
+            log(
+                f"the training data changed since the checkpoint ({int(state['data_rows'])} rows, now "
+                f"{self.train_rows}): the data stream restarts at epoch {position.epoch + 1}",
+                level=logging.WARNING,
+            )
+            position = data.DataPosition.fresh(position.epoch + 1, self.train_rows)
+        elif saved != (self.runtime.world_size, self.per_rank_batch):
+            log(
+                f"resuming with world size {self.runtime.world_size} and per-rank batch "
+                f"{self.per_rank_batch} (saved with {saved[0]} and {saved[1]}): {position.rows} rows of "
+                f"epoch {position.epoch} left, dealt out to this run's ranks"
+            )
+        self.data_start, self.start_step = position, self.step
 
     # ----------------------------------------------------------------------------------------- build
     def _data_urls(self) -> tuple[str, str]:
@@ -163,9 +187,9 @@ class Trainer:
         root = join(self.config.training.save_dir, "data")
         return dc.train_url or join(root, "train"), dc.eval_url or join(root, "eval")
 
-    def _train_batches(self) -> Iterator[RecapBatch]:
-        """This rank's share of the training data, repeating, past the batches earlier runs trained on."""
-        loader = data.make_dataloader(
+    def _train_loader(self) -> DataLoader:
+        """This rank's share of the training data, repeating (from the reader's `start`)."""
+        return data.make_dataloader(
             self.train_url,
             self.config,
             self.per_rank_batch,
@@ -174,10 +198,8 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             repeat=True,
             shuffle_seed=self.config.training.seed,
-            skip_batches=self.step,
             storage_options=self.config.storage.options,
         )
-        return iter(loader)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -187,7 +209,7 @@ class Trainer:
             log(f"nothing to do: step {self.step} >= training.num_train_steps={total}")
             self.close()
             return {"step": self.step, "save_dir": self.config.training.save_dir}
-        batches = self._train_batches()
+        batches = iter(self.train_loader)
         self.metrics.start(self.step, total, self.per_rank_batch, rt.world_size)
         log(
             f"training steps {self.step}..{total} on {rt.world_size} rank(s), batch {self.per_rank_batch}"
