@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from recap_app import data
 from recap_app.batch import RecapBatch
 from recap_app.builder import RANKER_PREFIX, build_training
-from recap_app.checkpoint import Checkpointer, ModuleState, WriterFactory
+from recap_app.checkpoint import Checkpointer, CheckpointMismatchError, ModuleState, WriterFactory
 from recap_app.config import RecapConfig
 from recap_app.distributed import Runtime
 from recap_app.embedding_logger import EmbeddingLogger
@@ -155,6 +155,14 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Resume at the saved step and data position, on any world size and batch: the position is a
         set of rows, dealt out again to this run's ranks (recap_app/data.py)."""
+        missing = sorted(
+            {"step", "world_size", "per_rank_batch_size", "data_rows", "data_epoch"} - set(state)
+        )
+        if missing:
+            raise CheckpointMismatchError(
+                f"checkpoint under {self.checkpointer.root} has no train_state {missing} (written by another "
+                "version of recap?); start a new --output or warm-start with checkpoint.initial_checkpoint"
+            )
         self.step = int(state["step"])
         saved = int(state["world_size"]), int(state["per_rank_batch_size"])
         position = data.DataPosition.from_tensors(state)

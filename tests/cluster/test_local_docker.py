@@ -128,7 +128,7 @@ def _train(torchx_run, image: str, output: str, steps: int, component: tuple[str
     return torchx_run(
         *kw.pop("scheduler", ()), "recap.train", "-j", "2x1", "--cpu", "1", "--memMB", "3072",
         "--image", image, "--output", output, *component,
-        "--", f"training.num_train_steps={steps}", "training.checkpoint_every_n=10",
+        "--", f"training.num_train_steps={steps}", "checkpoint.every_n=10",
         **kw,
     )  # fmt: skip
 
