@@ -18,9 +18,18 @@ from fsspec import AbstractFileSystem
 # most buckets that costs a 60 s timeout. Must be set before gcsfs is imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-_SECRET_KEY = re.compile(
-    r"(secret|token|password|passwd|credential|account_key|sas|connection_string|key_id)", re.IGNORECASE
-)
+# Key names that hold credentials, matched per word of the name (snake_case, kebab-case, camelCase), so
+# `key`, `account_key`, `aws_secret_access_key`, `SSECustomerKey`, `sas_token` or `client_secret` are
+# caught while `use_listings_cache`, `endpoint_url`, `anon`, `signature_version` or a task name are not.
+# Shared by `redact` (logged configs) and config overrides (refused on the command line).
+_SECRET_WORDS = frozenset(
+    {
+        "secret", "token", "password", "passwd", "passphrase", "credential", "credentials",
+        "key", "sas", "sig", "auth", "authorization",
+    }
+)  # fmt: skip
+_SECRET_JOINED = ("connectionstring", "accountkey")  # AZURE_STORAGE_CONNECTION_STRING, AccountKey
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 REDACTED = "***"
 # Secrets inside values: a URL's password (scheme://user:PASSWORD@host) and key=value pairs of
 # connection strings (AccountKey=...;SharedAccessSignature=...).
@@ -28,6 +37,20 @@ _URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s/]+@")
 _SECRET_PAIR = re.compile(
     r"((?:AccountKey|SharedAccessSignature|SharedAccessKey|Password|sig)=)[^;&\s]+", re.I
 )
+
+
+def is_secret_key(name: object) -> bool:
+    """Whether a mapping key names a credential (see _SECRET_WORDS)."""
+    text = str(name)
+    if {w.lower() for w in _WORD.findall(text)} & _SECRET_WORDS:
+        return True
+    joined = re.sub(r"[^a-z]", "", text.lower())
+    return any(j in joined for j in _SECRET_JOINED)
+
+
+def has_secret_value(text: str) -> bool:
+    """Whether a string carries a credential: a URL password or a connection-string / SAS key pair."""
+    return bool(_URL_PASSWORD.search(text) or _SECRET_PAIR.search(text))
 
 
 def has_scheme(url: str) -> bool:
@@ -128,7 +151,7 @@ def redact(value: Any) -> Any:
     """A copy of a config-like structure with secret-looking keys' values replaced by ***, and URL
     passwords and connection-string keys inside any string value masked."""
     if isinstance(value, Mapping):
-        return {k: (REDACTED if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in value.items()}
+        return {k: (REDACTED if is_secret_key(k) else redact(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(redact(v) for v in value)
     if isinstance(value, str):
