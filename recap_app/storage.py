@@ -14,6 +14,8 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from recap_app.errors import InputError
+
 # gcsfs probes hierarchical-namespace buckets on every open unless told not to; against emulators and
 # most buckets that costs a 60 s timeout. Must be set before gcsfs is imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -72,6 +74,9 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
     (gcsfs reads STORAGE_EMULATOR_HOST per request). Long-running jobs never change it; tests that
     start servers call `fsspec_clear_instance_caches()` (tests/conftest.py does, around every test).
     Instances survive a restart of the store itself: their clients reconnect.
+
+    An object-store URL whose bucket / container does not exist raises BucketNotFoundError (checked once
+    per bucket and process): nothing recap does may create one.
     """
     options = dict(storage_options or {})
     protocol = url.split("://", 1)[0] if has_scheme(url) else "file"
@@ -82,11 +87,48 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
         if endpoint:
             options["endpoint_url"] = endpoint
     fs, path = fsspec.core.url_to_fs(url, **options)
+    if protocol in _BUCKET_STORES:
+        _check_bucket(fs, path, url)
     return fs, path
 
 
 # adlfs caches listings too: without az/abfs here a blob written by another process can stay unseen.
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl")
+_BUCKET_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+_CONTAINER_STORES = ("az", "abfs", "abfss")
+# (protocol, bucket) pairs seen to exist in this process: each is checked once per run.
+_EXISTING_BUCKETS: set[tuple[str, str]] = set()
+
+
+class BucketNotFoundError(InputError):
+    """The bucket (or Azure container) of an object-store URL does not exist; recap never creates one."""
+
+
+def check_bucket(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Fail early, before any work, when the bucket / container `url` would be written to is missing."""
+    url_to_fs(url, storage_options)
+
+
+def _check_bucket(fs: AbstractFileSystem, path: str, url: str) -> None:
+    """Raise BucketNotFoundError when the bucket of `url` does not exist, once per bucket and process.
+
+    s3fs creates a missing bucket on makedirs at or under it, which storage.write and DCP's writer call,
+    and gcsfs / adlfs create one on a bucket-level mkdir: a mistyped URL would create a bucket (in the
+    caller's account, with default settings) instead of failing. Other failures of the check (no
+    permission to read the bucket, store unreachable) are left to the operation itself to report."""
+    protocol, bucket = url.split("://", 1)[0], path.split("/", 1)[0]
+    if not bucket or (protocol, bucket) in _EXISTING_BUCKETS:
+        return
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        what = "container" if protocol in _CONTAINER_STORES else "bucket"
+        raise BucketNotFoundError(
+            f"{what} {bucket!r} of {url} does not exist (recap does not create {what}s)"
+        ) from None
+    except Exception:
+        return
+    _EXISTING_BUCKETS.add((protocol, bucket))
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -127,7 +169,8 @@ def rm(url: str, recursive: bool = False, storage_options: Mapping[str, Any] | N
 
 def fsspec_clear_instance_caches() -> None:
     """Forget every cached fsspec filesystem instance (all imported implementations), so the next
-    `url_to_fs` builds one from the current environment."""
+    `url_to_fs` builds one from the current environment; buckets are checked again too."""
+    _EXISTING_BUCKETS.clear()
     seen: set[type] = set()
     stack: list[type] = [AbstractFileSystem]
     while stack:
