@@ -31,7 +31,7 @@ from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
 from recap_app.optimizers import learning_rate, set_learning_rate
 from recap_app.run_record import append_run_record
-from recap_app.storage import join, redact
+from recap_app.storage import check_bucket, join, redact
 from recap_app.synthetic_data import ensure_synthetic_data
 
 
@@ -65,6 +65,7 @@ class Trainer:
         self.per_rank_batch = config.data.per_rank_batch_size(runtime.world_size)
         tc = config.training
         log(f"config: {json.dumps(redact(config.model_dump(mode='json')), sort_keys=True)}")
+        check_bucket(tc.save_dir, config.storage.options)  # a missing bucket is an error, never created
         self.lease = OutputLease(
             tc.save_dir,
             timeout_s=tc.lease_timeout_s,

@@ -13,6 +13,7 @@ import torchx
 from torchx import specs
 from torchx.components.dist import _TORCH_DEBUG_FLAGS, parse_nnodes
 from torchx.specs import macros
+from torchx.specs.finder import ComponentValidationException
 
 
 def _python() -> str:
@@ -28,6 +29,27 @@ class _noquote(str):
 
 def _shell_words(words: List[str]) -> str:
     return " ".join(w if isinstance(w, _noquote) else shlex.quote(w) for w in words)
+
+
+def _refuse_secrets(overrides: List[str], env: Optional[Dict[str, str]], urls: List[str]) -> None:
+    """Refuse credentials before the AppDef exists: its args and env are printed by `--dryrun` and land
+    in sbatch scripts and Volcano Job specs. TorchX prints the message alone (ComponentValidationException);
+    the value never appears in it. Jobs inherit the submitting environment (local_cwd, Slurm) or use a
+    pod identity (Kubernetes), so credentials never need to be passed here."""
+    from recap_app.config import SECRET_HINT, ConfigError, refuse_secret_override
+    from recap_app.storage import has_secret_value, is_secret_key
+
+    for override in overrides:
+        try:
+            refuse_secret_override(override)
+        except ConfigError as e:
+            raise ComponentValidationException(f"recap: error: {e}") from None
+    for name in env or {}:
+        if is_secret_key(name):
+            raise ComponentValidationException(f"recap: error: --env {name}=...: {SECRET_HINT}")
+    for url in urls:
+        if has_secret_value(url):
+            raise ComponentValidationException(f"recap: error: a URL holds a credential: {SECRET_HINT}")
 
 
 def _local_url(url: str) -> str:
@@ -137,6 +159,7 @@ def train(
         mounts: mounts, e.g. type=bind,src=/data,dst=/data[,readonly]
         debug: enable torch.distributed debug flags
     """
+    _refuse_secrets(list(overrides), env, [config, output])
     args = ["--config", config, "--output", _local_url(output), *overrides]
     role = torchrun_role(
         "trainer", "recap_app.train", args, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
@@ -183,6 +206,7 @@ def evaluate(
         mounts: mounts, e.g. type=bind,src=/data,dst=/data
         num_batches: at most this many batches per rank (0: the whole dataset, every example once)
     """
+    _refuse_secrets(list(overrides), env, [config, checkpoint, data, output])
     args = [
         "--config", config, "--checkpoint", _local_url(checkpoint), "--data", _local_url(data),
         "--output", _local_url(output), "--num-batches", str(num_batches), *overrides,
@@ -224,6 +248,7 @@ def generate_data(
         env: extra environment
         mounts: mounts, e.g. type=bind,src=/data,dst=/data
     """
+    _refuse_secrets(list(overrides), env, [config, output])
     args = [
         "-m", "recap_app.cli", "generate-data", "--output", _local_url(output), "--config", config,
         "--num-examples", str(num_examples), "--num-eval-examples", str(num_eval_examples),
