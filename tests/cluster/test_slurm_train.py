@@ -95,7 +95,7 @@ def test_scancel_signal_term_saves_the_step_and_the_requeue_resumes(slurm_cluste
     assert (output / f"checkpoints/step-{stopped}/.metadata").exists()
     assert (output / "checkpoints/step-600/.metadata").exists()
     status = slurm_cluster.torchx("status", run.handle, cwd=wd)
-    assert "num_restarts: 1" in status.stdout, status.stdout
+    assert "Num Restarts: 1" in status.stdout, status.stdout
 
 
 def _metric_steps(output: Path) -> list[int]:
