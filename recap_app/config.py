@@ -346,6 +346,8 @@ class EvalConfig(StrictModel):
     every_n: int = Field(0, ge=0)
     # Periodic evals score at most this many batches per rank, each eval example at most once.
     num_batches: int = Field(20, gt=0)
+    # AUROC with example weights (the original's AUROCWithMWU); false: every example counts once.
+    weighted_auroc: bool = False
 
 
 class EmbeddingLogConfig(StrictModel):
