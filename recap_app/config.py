@@ -119,11 +119,21 @@ class PoolingType(enum.StrEnum):
     MEAN = "mean"
 
 
+class IdTransform(enum.StrEnum):
+    """How a feature's raw int64 ids become rows of its table (recap_app/data.py transform_ids)."""
+
+    NONE = "none"  # ids are rows already: each must lie in [0, num_embeddings)
+    MODULO = "modulo"  # id mod num_embeddings (floor: -1 -> num_embeddings - 1)
+    HASH = "hash"  # SplitMix64 of the id's 64 bits, then mod num_embeddings
+
+
 class EmbeddingTableConfig(StrictModel):
     name: str = Field(min_length=1)
     num_embeddings: int = Field(gt=0)
     embedding_dim: int = Field(gt=0)
     feature_names: list[str] = Field(min_length=1)
+    # `none` keeps configs written before raw ids were accepted reading (and resuming) as they did.
+    id_transform: IdTransform = IdTransform.NONE
     pooling: PoolingType = PoolingType.SUM
     # Planner constraints: the sharding types this table may take (None lets the planner choose).
     sharding_types: list[ShardingType] | None = None

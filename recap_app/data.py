@@ -15,8 +15,10 @@ column                  Arrow type                                   meaning
 ``<feature name>``      ``list<int64>``                              one column per sparse id feature in
                                                                      ``model.embeddings.tables[*]
                                                                      .feature_names`` (e.g. ``user_id``):
-                                                                     0..n ids per example, each in
-                                                                     [0, num_embeddings) of its table;
+                                                                     0..n ids per example: any int64
+                                                                     under the table's id_transform
+                                                                     `hash` / `modulo`, else (`none`)
+                                                                     each in [0, num_embeddings);
                                                                      a null list reads as empty
 ``label/<task name>``   ``float32``                                  0/1 label, one per ``model.tasks``
                                                                      entry (e.g. ``label/recap.engagement
@@ -28,8 +30,8 @@ Also accepted on read (Spark and friends write these): ``list<float>`` / ``large
 ``continuous`` / ``binary`` when every row has the configured width, any integer list type for id
 features, and any numeric or boolean type for labels and weights (all cast to the types above).
 Missing columns, a wrong fixed-list width, nulls in dense / label / weight columns, labels other than
-0 / 1, weights that are negative or not finite, and ids outside their table raise ``ParquetSchemaError``
-naming the file URL, the row group and the column(s).
+0 / 1, weights that are negative or not finite, and ids outside their table (``id_transform: none``)
+raise ``ParquetSchemaError`` naming the file URL, the row group and the column(s).
 
 A batch is a ``RecapBatch``: continuous [B, N_c] and binary [B, N_b] float32, a ``KeyedJaggedTensor``
 whose keys are the sparse feature names in config order (lengths int32, values int64), labels and
@@ -81,7 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_app.batch import RecapBatch
-from recap_app.config import RecapConfig
+from recap_app.config import IdTransform, RecapConfig
 from recap_app.errors import InputError
 from recap_app.storage import has_scheme, url_to_fs
 
@@ -120,21 +122,27 @@ class Layout:
     features: tuple[str, ...]
     table_sizes: tuple[int, ...]  # num_embeddings of each feature's table
     tasks: tuple[str, ...]
+    id_transforms: tuple[IdTransform, ...] = ()  # per feature (empty: all `none`)
 
     @staticmethod
     def of(config: RecapConfig) -> Layout:
-        features, sizes = [], []
+        features, sizes, transforms = [], [], []
         for table in config.model.embeddings.tables:
             for name in table.feature_names:
                 features.append(name)
                 sizes.append(table.num_embeddings)
+                transforms.append(table.id_transform)
         return Layout(
             num_continuous=config.data.num_continuous,
             num_binary=config.data.num_binary,
             features=tuple(features),
             table_sizes=tuple(sizes),
             tasks=tuple(config.task_names),
+            id_transforms=tuple(transforms),
         )
+
+    def transform_of(self, feature: int) -> IdTransform:
+        return self.id_transforms[feature] if self.id_transforms else IdTransform.NONE
 
     @property
     def columns(self) -> list[str]:
@@ -331,19 +339,52 @@ def _scalar(table: pa.Table, name: str, where: str) -> np.ndarray:
     return np.array(arr.to_numpy(zero_copy_only=False), dtype=np.float32)
 
 
-def _ids(table: pa.Table, name: str, size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """An id list column as (offsets [rows + 1], ids), every id checked against its table's size."""
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLITMIX_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(ids: np.ndarray) -> np.ndarray:
+    """SplitMix64 (Steele, Lea & Flood 2014; the output function of Java's SplittableRandom) of each
+    int64's 64 bits, as uint64: fixed constants, no seed, so every rank and every run maps an id alike."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.int64, copy=False).view(np.uint64) + _SPLITMIX_GAMMA
+        z ^= z >> np.uint64(30)
+        z *= _SPLITMIX_M1
+        z ^= z >> np.uint64(27)
+        z *= _SPLITMIX_M2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def transform_ids(ids: np.ndarray, transform: IdTransform, num_embeddings: int) -> np.ndarray:
+    """Raw int64 ids -> table rows in [0, num_embeddings): `hash` is splitmix64(id) mod num_embeddings,
+    `modulo` is id mod num_embeddings (floor), `none` returns them as they are."""
+    if transform == IdTransform.HASH:
+        return (splitmix64(ids) % np.uint64(num_embeddings)).astype(np.int64)
+    if transform == IdTransform.MODULO:
+        return np.mod(ids, num_embeddings)
+    return ids
+
+
+def _ids(
+    table: pa.Table, name: str, size: int, where: str, transform: IdTransform = IdTransform.NONE
+) -> tuple[np.ndarray, np.ndarray]:
+    """An id list column as (offsets [rows + 1], table rows): raw ids hashed or reduced by `transform`,
+    or with `none` checked against the table's size."""
     arr = _column(table, name)
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
     values = arr.flatten()
     if values.null_count:
         raise ParquetSchemaError(f"{where}: column {name!r} holds {values.null_count} null id(s)")
     ids = np.array(values.to_numpy(zero_copy_only=False), dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= size):
+    if transform != IdTransform.NONE:
+        ids = transform_ids(ids, transform, size)
+    elif ids.size and (ids.min() < 0 or ids.max() >= size):
         bad = ids[(ids < 0) | (ids >= size)]
         raise ParquetSchemaError(
             f"{where}: column {name!r} has id(s) outside [0, {size}) of its embedding table, "
-            f"e.g. {bad[:5].tolist()} (raise num_embeddings or hash the ids)"
+            f"e.g. {bad[:5].tolist()} (raw ids: set the table's id_transform to hash)"
         )
     offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -370,7 +411,10 @@ def _decode(table: pa.Table, layout: Layout, where: str) -> Columns:
     return Columns(
         _dense(table, CONTINUOUS, layout.num_continuous, where),
         _dense(table, BINARY, layout.num_binary, where),
-        [_ids(table, f, size, where) for f, size in zip(layout.features, layout.table_sizes, strict=True)],
+        [
+            _ids(table, f, size, where, layout.transform_of(i))
+            for i, (f, size) in enumerate(zip(layout.features, layout.table_sizes, strict=True))
+        ],
         _targets(table, [label_column(t) for t in layout.tasks], where, labels=True),
         _targets(table, [weight_column(t) for t in layout.tasks], where, labels=False),
         (where,),

@@ -7,7 +7,8 @@ Bernoulli(sigmoid(dense signal + sum of per-id latent signal + task bias)), with
 between 5 % and 30 %. The signal (feature weights, per-id latent vectors, biases) depends only on the
 config's shapes and ``signal_seed``; ``seed`` only draws the examples, so train and eval sets written
 with different seeds share the signal. Rows are drawn in fixed blocks, so the content depends on
-``seed`` and ``num_examples`` only, not on the file or row-group layout.
+``seed`` and ``num_examples`` only, not on the file or row-group layout. Tables with an ``id_transform``
+get raw 64-bit ids (any int64), whose signal follows the row the reader maps them to.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from recap_app.config import RecapConfig, load_config
-from recap_app.data import Columns, Layout
+from recap_app.config import IdTransform, RecapConfig, load_config
+from recap_app.data import Columns, Layout, splitmix64, transform_ids
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import log
 from recap_app.storage import exists, join, url_to_fs, write
@@ -129,7 +130,11 @@ class _Signal:
             np.cumsum(lengths, out=offsets[1:])
             popularity = np.minimum((size * rng.random(offsets[-1]) ** 2.5).astype(np.int64), size - 1)
             ids = (popularity * self.id_mult[f] + self.id_offset[f]) % size
-            per_id = self.latents(f, ids) @ self.w_sparse[f].T  # [n_ids, T]
+            if layout.transform_of(f) != IdTransform.NONE:
+                # Raw 64-bit ids as real logs carry them (negative and > 2^62 included); the signal
+                # follows the table row the reader maps each one to.
+                ids = splitmix64(ids ^ self.id_salt[f]).view(np.int64)
+            per_id = self.latents(f, transform_ids(ids, layout.transform_of(f), size)) @ self.w_sparse[f].T
             rows = np.repeat(np.arange(n), lengths)
             for k in range(t):
                 logits[:, k] += np.bincount(rows, weights=per_id[:, k], minlength=n)
