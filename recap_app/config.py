@@ -157,17 +157,39 @@ class EmbeddingsConfig(StrictModel):
         return [f for t in self.tables for f in t.feature_names]
 
 
+class DenseEmbeddingConfig(StrictModel):
+    """A pretrained vector per example (the original's TwHIN user / engagement / author inputs)."""
+
+    dim: int = Field(gt=0)
+    layer_norm: bool = True  # the original layer-norms each (torch.nn.LayerNorm(dim), eps 1e-5)
+
+
+_RESERVED_COLUMNS = ("continuous", "binary")
+
+
 class ModelConfig(StrictModel):
     featurization: DoubleNormLogConfig = Field(default_factory=DoubleNormLogConfig)
     multi_task_type: MultiTaskType = MultiTaskType.SHARE_ALL
     backbone: ArchitectureConfig | None = None
     tasks: dict[str, TaskConfig] = Field(min_length=1)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    # Read from fixed-size float list columns of these names; joined after the pooled id embeddings.
+    dense_embeddings: dict[str, DenseEmbeddingConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _backbone_matches_type(self) -> ModelConfig:
         if self.multi_task_type != MultiTaskType.SHARE_NONE and self.backbone is None:
             raise ValueError(f"multi_task_type={self.multi_task_type.value} needs a backbone")
+        return self
+
+    @model_validator(mode="after")
+    def _dense_embedding_columns(self) -> ModelConfig:
+        taken = set(_RESERVED_COLUMNS) | set(self.embeddings.feature_names)
+        clash = sorted(n for n in self.dense_embeddings if n in taken or n.startswith(("label/", "weight/")))
+        if clash:
+            raise ValueError(
+                f"dense_embeddings {clash}: names another column (continuous, binary, an id feature)"
+            )
         return self
 
 

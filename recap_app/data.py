@@ -20,6 +20,10 @@ column                  Arrow type                                   meaning
                                                                      `hash` / `modulo`, else (`none`)
                                                                      each in [0, num_embeddings);
                                                                      a null list reads as empty
+``<embedding name>``    ``fixed_size_list<float32>[dim]``            one column per entry of
+                                                                     ``model.dense_embeddings`` (e.g.
+                                                                     TwHIN ``user_embedding``); a null
+                                                                     row reads as zeros
 ``label/<task name>``   ``float32``                                  0/1 label, one per ``model.tasks``
                                                                      entry (e.g. ``label/recap.engagement
                                                                      .is_favorited``)
@@ -123,6 +127,7 @@ class Layout:
     table_sizes: tuple[int, ...]  # num_embeddings of each feature's table
     tasks: tuple[str, ...]
     id_transforms: tuple[IdTransform, ...] = ()  # per feature (empty: all `none`)
+    dense_embeddings: tuple[tuple[str, int], ...] = ()  # (column, dim) of each model.dense_embeddings
 
     @staticmethod
     def of(config: RecapConfig) -> Layout:
@@ -139,6 +144,7 @@ class Layout:
             table_sizes=tuple(sizes),
             tasks=tuple(config.task_names),
             id_transforms=tuple(transforms),
+            dense_embeddings=tuple((n, e.dim) for n, e in config.model.dense_embeddings.items()),
         )
 
     def transform_of(self, feature: int) -> IdTransform:
@@ -147,6 +153,7 @@ class Layout:
     @property
     def columns(self) -> list[str]:
         cols = [CONTINUOUS] + ([BINARY] if self.num_binary else []) + list(self.features)
+        cols += [name for name, _ in self.dense_embeddings]
         return cols + [label_column(t) for t in self.tasks] + [weight_column(t) for t in self.tasks]
 
 
@@ -169,9 +176,11 @@ def check_schema(schema: pa.Schema, config: RecapConfig | Layout, url: str) -> N
             "(see recap_app/data.py for the schema)"
         )
     problems = []
+    dense = [(n, d, f"model.dense_embeddings[{n}].dim") for n, d in layout.dense_embeddings]
     for name, width, key in (
         (CONTINUOUS, layout.num_continuous, "data.num_continuous"),
         (BINARY, layout.num_binary, "data.num_binary"),
+        *dense,
     ):
         if name == BINARY and not width:
             continue
@@ -203,6 +212,7 @@ class Columns:
     labels: np.ndarray  # [n, T] float32
     weights: np.ndarray  # [n, T] float32
     sources: tuple[str, ...] = ()  # the row groups these rows came from (for error messages)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)  # per dense embedding: [n, dim] float32
 
     @property
     def num_rows(self) -> int:
@@ -220,6 +230,7 @@ class Columns:
             self.labels[start:stop],
             self.weights[start:stop],
             self.sources,
+            {k: v[start:stop] for k, v in self.dense.items()},
         )
 
     def padding(self, num_rows: int) -> Columns:
@@ -239,6 +250,7 @@ class Columns:
             self.labels[idx],
             np.zeros_like(self.weights[idx]),
             self.sources,
+            {k: v[idx] for k, v in self.dense.items()},
         )
 
     @staticmethod
@@ -258,6 +270,7 @@ class Columns:
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.weights for p in parts]),
             tuple(dict.fromkeys(s for p in parts for s in p.sources)),
+            {k: np.concatenate([p.dense[k] for p in parts]) for k in parts[0].dense},
         )
 
     def to_batch(self, keys: Sequence[str]) -> RecapBatch:
@@ -283,6 +296,7 @@ class Columns:
             labels=torch.from_numpy(self.labels.copy()),
             weights=torch.from_numpy(self.weights.copy()),
             source="; ".join(self.sources),
+            dense_embeddings={k: torch.from_numpy(v.copy()) for k, v in self.dense.items()},
         )
 
     def to_arrow(self, layout: Layout) -> pa.Table:
@@ -298,6 +312,8 @@ class Columns:
             )
         for name, (offsets, values) in zip(layout.features, self.sparse, strict=True):
             cols[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+        for name, dim in layout.dense_embeddings:
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(self.dense[name].reshape(-1)), dim)
         for i, task in enumerate(layout.tasks):
             cols[label_column(task)] = pa.array(np.ascontiguousarray(self.labels[:, i]))
         for i, task in enumerate(layout.tasks):
@@ -330,6 +346,17 @@ def _dense(table: pa.Table, name: str, width: int, where: str) -> np.ndarray:
     if name == BINARY:
         values = pc.fill_null(values, 0)
     return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width)
+
+
+def _embedding(table: pa.Table, name: str, dim: int, where: str) -> np.ndarray:
+    """A dense embedding column as [rows, dim]; a null row (an entity without a vector) reads as zeros."""
+    arr = _column(table, name)
+    if not arr.null_count:
+        return _dense(table, name, dim, where)
+    present = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    out = np.zeros((table.num_rows, dim), dtype=np.float32)
+    out[present] = _dense(pa.table({name: arr.filter(present)}), name, dim, where)
+    return out
 
 
 def _scalar(table: pa.Table, name: str, where: str) -> np.ndarray:
@@ -418,6 +445,7 @@ def _decode(table: pa.Table, layout: Layout, where: str) -> Columns:
         _targets(table, [label_column(t) for t in layout.tasks], where, labels=True),
         _targets(table, [weight_column(t) for t in layout.tasks], where, labels=False),
         (where,),
+        {name: _embedding(table, name, dim, where) for name, dim in layout.dense_embeddings},
     )
 
 
