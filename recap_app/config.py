@@ -357,6 +357,9 @@ class TrainingConfig(StrictModel):
     # heartbeat; force_lease takes a live one over (for when you know the other run is gone).
     lease_timeout_s: float = Field(300.0, gt=0)
     force_lease: bool = False
+    # Every collective (gloo and nccl) fails after this long: a stopped or vanished rank ends the job in
+    # bounded time, naming the step and the rank, and a scheduler retry resumes.
+    collective_timeout_s: float = Field(600.0, gt=0)
 
 
 class CheckpointConfig(StrictModel):
@@ -370,6 +373,9 @@ class CheckpointConfig(StrictModel):
     # Failed periodic saves in a row before the job fails; attempts of the final save.
     max_consecutive_failures: int = Field(3, gt=0)
     final_attempts: int = Field(3, gt=0)
+    # On SIGTERM / SIGINT the ranks stop at an agreed step and save it, if the signal came at most this
+    # long ago (torchrun kills its workers 30 s after forwarding a signal; keep the save inside that).
+    preemption_timeout_s: float = Field(25.0, gt=0)
 
 
 class EvalConfig(StrictModel):

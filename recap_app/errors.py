@@ -17,11 +17,16 @@ class InputError(Exception):
     """Something the user gave cannot be used; the message names it and says what to change."""
 
 
+class FaultError(Exception):
+    """The run's environment failed in a way recap recognises (a rank stopped or vanished); the message
+    names it, and a scheduler retry resumes from the last checkpoint."""
+
+
 @contextmanager
 def exit_on_input_error() -> Iterator[None]:
-    """Turn an InputError into `recap: error: <message>` and exit status 1 (under torchrun, on each rank
-    that meets it)."""
+    """Turn an InputError or a FaultError into `recap: error: <message>` and exit status 1 (under
+    torchrun, on each rank that meets it)."""
     try:
         yield
-    except InputError as e:
+    except (InputError, FaultError) as e:
         raise SystemExit(f"recap: error: {e}") from None

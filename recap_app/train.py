@@ -16,6 +16,7 @@ from recap_app.config import RecapConfig, load_config
 from recap_app.distributed import setup_distributed
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import ALL_RANKS, log, setup_logging
+from recap_app.preemption import PREEMPTED_EXIT_CODE
 from recap_app.trainer import Trainer, TrainerCallback
 
 
@@ -49,16 +50,16 @@ def main(
     args = parse_args(argv)
     with exit_on_input_error():
         config = load_run_config(args)
-        runtime = setup_distributed()
+        runtime = setup_distributed(config.training.collective_timeout_s)
         log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device}", rank=ALL_RANKS)
         try:
             trainer = Trainer(
                 config, runtime, callbacks=callbacks, checkpoint_writer_factory=checkpoint_writer_factory
             )
-            trainer.train()
+            summary = trainer.train()
         finally:
             dist.destroy_process_group()
-    return 0
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ from recap_app.logs import log
 from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
 from recap_app.optimizers import set_learning_rates
+from recap_app.preemption import StepCoordinator, is_collective_failure, log_preempted
 from recap_app.run_record import append_run_record
 from recap_app.storage import check_bucket, join, redact
 from recap_app.synthetic_data import ensure_synthetic_data
@@ -62,6 +64,7 @@ class Trainer:
         self.config, self.runtime, self.callbacks = config, runtime, list(callbacks)
         self.step = 0
         self.lr = 0.0
+        self.preempted: str | None = None
         self.per_rank_batch = config.data.per_rank_batch_size(runtime.world_size)
         tc = config.training
         log(f"config: {json.dumps(redact(config.model_dump(mode='json')), sort_keys=True)}")
@@ -227,21 +230,54 @@ class Trainer:
         )
         self.last_eval: dict[str, float] = {}
         self.model.train()
+        coordinator = StepCoordinator(rt.rank, rt.world_size)
+        coordinator.install()
         try:
-            while self.step < total:
-                self.train_step(batches)
-                self._components_act(last_step=self.step == total)
-                for callback in self.callbacks:
-                    callback.on_step_end(self)
+            self._loop(batches, coordinator)
         except BaseException as e:
             if isinstance(e, NonFiniteError):
                 self.checkpointer.wait()  # an earlier, finite checkpoint in flight still lands
             self.lease.release()  # this run writes no more (a kill -9 leaves it: see lease.py)
+            if is_collective_failure(e):
+                timeout = self.config.training.collective_timeout_s
+                raise coordinator.timeout_error(self.step, timeout, e) from None
             raise
+        finally:
+            coordinator.restore()
         self.close()
-        summary = {"step": self.step, "save_dir": self.config.training.save_dir, "eval": self.last_eval}
+        summary = {
+            "step": self.step,
+            "save_dir": self.config.training.save_dir,
+            "eval": self.last_eval,
+            "preempted": self.preempted,
+        }
         log(f"done: {json.dumps(summary, sort_keys=True)}")
         return summary
+
+    def _loop(self, batches: Iterator[RecapBatch], coordinator: StepCoordinator) -> None:
+        total = self.config.training.num_train_steps
+        while self.step < total:
+            if coordinator.should_stop(self.step):
+                self._preempt(coordinator)
+                return
+            self.train_step(batches)
+            self._components_act(last_step=self.step == total)
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+
+    def _preempt(self, coordinator: StepCoordinator) -> None:
+        """Every rank at the agreed step: a synchronous checkpoint of it, if there is time left."""
+        self.preempted = coordinator.signal_name or "a signal on another rank"
+        saved_in = None
+        if coordinator.seconds_since_signal() <= self.config.checkpoint.preemption_timeout_s:
+            self.guard.check()
+            self.guard.check_state(
+                self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            )
+            start = time.perf_counter()
+            self.checkpointer.save(self.step, last_step=True)
+            saved_in = time.perf_counter() - start
+        log_preempted(self.step, self.preempted, saved_in, coordinator.seconds_since_signal())
 
     def train_step(self, batches: Iterator[RecapBatch]) -> dict[str, torch.Tensor]:
         """One optimizer step on the next batch (the pipeline already holds the following ones); under

@@ -74,7 +74,7 @@ def torchrun_role(
     mounts: Optional[List[str]] = None,
     debug: bool = False,
 ) -> specs.Role:
-    """One role of N replicas, each running `python -m torch.distributed.run ... -m MODULE ARGS` with P
+    """One role of N replicas, each running `python -m recap_app.launch ... -m MODULE ARGS` (torchrun) with P
     processes (torchx's dist.ddp recipe plus torchrun restarts = max_retries). Public for components
     that run a program wrapping recap's mains (e.g. `recap_app.train.main` with callbacks)."""
     min_nnodes, max_nnodes, nproc_per_node, nnodes_rep = parse_nnodes(j)
@@ -97,7 +97,7 @@ def torchrun_role(
     if debug:
         role_env.update(_TORCH_DEBUG_FLAGS)
     torchrun = [
-        "-m", "torch.distributed.run",
+        "-m", "recap_app.launch",
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", rdzv_endpoint,
         "--rdzv_id", macros.app_id,
