@@ -15,9 +15,15 @@ column                  Arrow type                                   meaning
 ``<feature name>``      ``list<int64>``                              one column per sparse id feature in
                                                                      ``model.embeddings.tables[*]
                                                                      .feature_names`` (e.g. ``user_id``):
-                                                                     0..n ids per example, each in
-                                                                     [0, num_embeddings) of its table;
+                                                                     0..n ids per example: any int64
+                                                                     under the table's id_transform
+                                                                     `hash` / `modulo`, else (`none`)
+                                                                     each in [0, num_embeddings);
                                                                      a null list reads as empty
+``<embedding name>``    ``fixed_size_list<float32>[dim]``            one column per entry of
+                                                                     ``model.dense_embeddings`` (e.g.
+                                                                     TwHIN ``user_embedding``); a null
+                                                                     row reads as zeros
 ``label/<task name>``   ``float32``                                  0/1 label, one per ``model.tasks``
                                                                      entry (e.g. ``label/recap.engagement
                                                                      .is_favorited``)
@@ -28,8 +34,8 @@ Also accepted on read (Spark and friends write these): ``list<float>`` / ``large
 ``continuous`` / ``binary`` when every row has the configured width, any integer list type for id
 features, and any numeric or boolean type for labels and weights (all cast to the types above).
 Missing columns, a wrong fixed-list width, nulls in dense / label / weight columns, labels other than
-0 / 1, weights that are negative or not finite, and ids outside their table raise ``ParquetSchemaError``
-naming the file URL, the row group and the column(s).
+0 / 1, weights that are negative or not finite, and ids outside their table (``id_transform: none``)
+raise ``ParquetSchemaError`` naming the file URL, the row group and the column(s).
 
 A batch is a ``RecapBatch``: continuous [B, N_c] and binary [B, N_b] float32, a ``KeyedJaggedTensor``
 whose keys are the sparse feature names in config order (lengths int32, values int64), labels and
@@ -81,7 +87,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_app.batch import RecapBatch
-from recap_app.config import RecapConfig
+from recap_app.config import IdTransform, RecapConfig
 from recap_app.errors import InputError
 from recap_app.storage import has_scheme, url_to_fs
 
@@ -120,25 +126,34 @@ class Layout:
     features: tuple[str, ...]
     table_sizes: tuple[int, ...]  # num_embeddings of each feature's table
     tasks: tuple[str, ...]
+    id_transforms: tuple[IdTransform, ...] = ()  # per feature (empty: all `none`)
+    dense_embeddings: tuple[tuple[str, int], ...] = ()  # (column, dim) of each model.dense_embeddings
 
     @staticmethod
     def of(config: RecapConfig) -> Layout:
-        features, sizes = [], []
+        features, sizes, transforms = [], [], []
         for table in config.model.embeddings.tables:
             for name in table.feature_names:
                 features.append(name)
                 sizes.append(table.num_embeddings)
+                transforms.append(table.id_transform)
         return Layout(
             num_continuous=config.data.num_continuous,
             num_binary=config.data.num_binary,
             features=tuple(features),
             table_sizes=tuple(sizes),
             tasks=tuple(config.task_names),
+            id_transforms=tuple(transforms),
+            dense_embeddings=tuple((n, e.dim) for n, e in config.model.dense_embeddings.items()),
         )
+
+    def transform_of(self, feature: int) -> IdTransform:
+        return self.id_transforms[feature] if self.id_transforms else IdTransform.NONE
 
     @property
     def columns(self) -> list[str]:
         cols = [CONTINUOUS] + ([BINARY] if self.num_binary else []) + list(self.features)
+        cols += [name for name, _ in self.dense_embeddings]
         return cols + [label_column(t) for t in self.tasks] + [weight_column(t) for t in self.tasks]
 
 
@@ -161,9 +176,11 @@ def check_schema(schema: pa.Schema, config: RecapConfig | Layout, url: str) -> N
             "(see recap_app/data.py for the schema)"
         )
     problems = []
+    dense = [(n, d, f"model.dense_embeddings[{n}].dim") for n, d in layout.dense_embeddings]
     for name, width, key in (
         (CONTINUOUS, layout.num_continuous, "data.num_continuous"),
         (BINARY, layout.num_binary, "data.num_binary"),
+        *dense,
     ):
         if name == BINARY and not width:
             continue
@@ -195,6 +212,7 @@ class Columns:
     labels: np.ndarray  # [n, T] float32
     weights: np.ndarray  # [n, T] float32
     sources: tuple[str, ...] = ()  # the row groups these rows came from (for error messages)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)  # per dense embedding: [n, dim] float32
 
     @property
     def num_rows(self) -> int:
@@ -212,6 +230,7 @@ class Columns:
             self.labels[start:stop],
             self.weights[start:stop],
             self.sources,
+            {k: v[start:stop] for k, v in self.dense.items()},
         )
 
     def padding(self, num_rows: int) -> Columns:
@@ -231,6 +250,7 @@ class Columns:
             self.labels[idx],
             np.zeros_like(self.weights[idx]),
             self.sources,
+            {k: v[idx] for k, v in self.dense.items()},
         )
 
     @staticmethod
@@ -250,6 +270,7 @@ class Columns:
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.weights for p in parts]),
             tuple(dict.fromkeys(s for p in parts for s in p.sources)),
+            {k: np.concatenate([p.dense[k] for p in parts]) for k in parts[0].dense},
         )
 
     def to_batch(self, keys: Sequence[str]) -> RecapBatch:
@@ -275,6 +296,7 @@ class Columns:
             labels=torch.from_numpy(self.labels.copy()),
             weights=torch.from_numpy(self.weights.copy()),
             source="; ".join(self.sources),
+            dense_embeddings={k: torch.from_numpy(v.copy()) for k, v in self.dense.items()},
         )
 
     def to_arrow(self, layout: Layout) -> pa.Table:
@@ -290,6 +312,8 @@ class Columns:
             )
         for name, (offsets, values) in zip(layout.features, self.sparse, strict=True):
             cols[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+        for name, dim in layout.dense_embeddings:
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(self.dense[name].reshape(-1)), dim)
         for i, task in enumerate(layout.tasks):
             cols[label_column(task)] = pa.array(np.ascontiguousarray(self.labels[:, i]))
         for i, task in enumerate(layout.tasks):
@@ -324,6 +348,17 @@ def _dense(table: pa.Table, name: str, width: int, where: str) -> np.ndarray:
     return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width)
 
 
+def _embedding(table: pa.Table, name: str, dim: int, where: str) -> np.ndarray:
+    """A dense embedding column as [rows, dim]; a null row (an entity without a vector) reads as zeros."""
+    arr = _column(table, name)
+    if not arr.null_count:
+        return _dense(table, name, dim, where)
+    present = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    out = np.zeros((table.num_rows, dim), dtype=np.float32)
+    out[present] = _dense(pa.table({name: arr.filter(present)}), name, dim, where)
+    return out
+
+
 def _scalar(table: pa.Table, name: str, where: str) -> np.ndarray:
     arr = _column(table, name)
     if arr.null_count:
@@ -331,19 +366,52 @@ def _scalar(table: pa.Table, name: str, where: str) -> np.ndarray:
     return np.array(arr.to_numpy(zero_copy_only=False), dtype=np.float32)
 
 
-def _ids(table: pa.Table, name: str, size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """An id list column as (offsets [rows + 1], ids), every id checked against its table's size."""
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLITMIX_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(ids: np.ndarray) -> np.ndarray:
+    """SplitMix64 (Steele, Lea & Flood 2014; the output function of Java's SplittableRandom) of each
+    int64's 64 bits, as uint64: fixed constants, no seed, so every rank and every run maps an id alike."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.int64, copy=False).view(np.uint64) + _SPLITMIX_GAMMA
+        z ^= z >> np.uint64(30)
+        z *= _SPLITMIX_M1
+        z ^= z >> np.uint64(27)
+        z *= _SPLITMIX_M2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def transform_ids(ids: np.ndarray, transform: IdTransform, num_embeddings: int) -> np.ndarray:
+    """Raw int64 ids -> table rows in [0, num_embeddings): `hash` is splitmix64(id) mod num_embeddings,
+    `modulo` is id mod num_embeddings (floor), `none` returns them as they are."""
+    if transform == IdTransform.HASH:
+        return (splitmix64(ids) % np.uint64(num_embeddings)).astype(np.int64)
+    if transform == IdTransform.MODULO:
+        return np.mod(ids, num_embeddings)
+    return ids
+
+
+def _ids(
+    table: pa.Table, name: str, size: int, where: str, transform: IdTransform = IdTransform.NONE
+) -> tuple[np.ndarray, np.ndarray]:
+    """An id list column as (offsets [rows + 1], table rows): raw ids hashed or reduced by `transform`,
+    or with `none` checked against the table's size."""
     arr = _column(table, name)
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
     values = arr.flatten()
     if values.null_count:
         raise ParquetSchemaError(f"{where}: column {name!r} holds {values.null_count} null id(s)")
     ids = np.array(values.to_numpy(zero_copy_only=False), dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= size):
+    if transform != IdTransform.NONE:
+        ids = transform_ids(ids, transform, size)
+    elif ids.size and (ids.min() < 0 or ids.max() >= size):
         bad = ids[(ids < 0) | (ids >= size)]
         raise ParquetSchemaError(
             f"{where}: column {name!r} has id(s) outside [0, {size}) of its embedding table, "
-            f"e.g. {bad[:5].tolist()} (raise num_embeddings or hash the ids)"
+            f"e.g. {bad[:5].tolist()} (raw ids: set the table's id_transform to hash)"
         )
     offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -370,10 +438,14 @@ def _decode(table: pa.Table, layout: Layout, where: str) -> Columns:
     return Columns(
         _dense(table, CONTINUOUS, layout.num_continuous, where),
         _dense(table, BINARY, layout.num_binary, where),
-        [_ids(table, f, size, where) for f, size in zip(layout.features, layout.table_sizes, strict=True)],
+        [
+            _ids(table, f, size, where, layout.transform_of(i))
+            for i, (f, size) in enumerate(zip(layout.features, layout.table_sizes, strict=True))
+        ],
         _targets(table, [label_column(t) for t in layout.tasks], where, labels=True),
         _targets(table, [weight_column(t) for t in layout.tasks], where, labels=False),
         (where,),
+        {name: _embedding(table, name, dim, where) for name, dim in layout.dense_embeddings},
     )
 
 

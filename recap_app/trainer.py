@@ -30,7 +30,7 @@ from recap_app.lease import OutputLease
 from recap_app.logs import log
 from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
-from recap_app.optimizers import learning_rate, set_learning_rate
+from recap_app.optimizers import set_learning_rates
 from recap_app.preemption import StepCoordinator, is_collective_failure, log_preempted
 from recap_app.run_record import append_run_record
 from recap_app.storage import check_bucket, join, redact
@@ -282,8 +282,7 @@ class Trainer:
     def train_step(self, batches: Iterator[RecapBatch]) -> dict[str, torch.Tensor]:
         """One optimizer step on the next batch (the pipeline already holds the following ones); under
         the skip policy a non-finite batch's update is left out and its losses are not logged."""
-        self.lr = learning_rate(self.step, self.config.optimizer.dense)
-        set_learning_rate(self.dense_optimizer, self.lr)
+        self.lr = set_learning_rates(self.dense_optimizer, self.step, self.config.optimizer)
         seed_step(self.config.training.seed, self.runtime.rank, self.step)
         self.pipeline.step = self.step + 1
         outputs = self.pipeline.progress(batches)
