@@ -18,6 +18,8 @@ class RecapBatch(Pipelineable):
     weights: torch.Tensor  # [B, num_tasks] float32
     # Where the rows came from ("<file> row group <i>; ..."), for errors about this batch.
     source: str = ""
+    # Unreadable row groups the reader stood in for since its previous batch (data.on_corrupt=skip).
+    corrupt_units: tuple[int, ...] = ()
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RecapBatch:
         return RecapBatch(
@@ -27,6 +29,7 @@ class RecapBatch(Pipelineable):
             labels=self.labels.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
             source=self.source,
+            corrupt_units=self.corrupt_units,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -42,6 +45,7 @@ class RecapBatch(Pipelineable):
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
             source=self.source,
+            corrupt_units=self.corrupt_units,
         )
 
     @property
