@@ -449,8 +449,9 @@ def _parquet_paths(fs: AbstractFileSystem, path: str) -> list[str]:
 def _find_parquet(
     url: str, storage_options: Mapping[str, Any] | None
 ) -> tuple[AbstractFileSystem, list[str]]:
-    fs, path = url_to_fs(url, storage_options)
-    paths = _parquet_paths(fs, path)
+    with errors_named(url, "list data under"):
+        fs, path = url_to_fs(url, storage_options)
+        paths = _parquet_paths(fs, path)
     if not paths:
         raise DataNotFoundError(
             f"no Parquet files at {url!r} (a file, a directory holding *.parquet, a glob or a prefix)"

@@ -231,6 +231,7 @@ _ERRNO_CAUSES = {
     errno.EPERM: "permission denied",
     errno.ENOTDIR: "a path component is a file, not a directory",
 }
+_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
 # Backend exception class names (botocore, google-auth, azure-core, aiohttp), matched by name so this
 # module imports none of them.
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
@@ -272,7 +273,8 @@ def storage_cause(error: BaseException) -> str | None:
             return f"no credentials found ({_one_line(e)}); {_CREDENTIALS_HINT}"
         if names & _BAD_CREDENTIALS or isinstance(e, PermissionError):
             return f"permission denied, wrong or insufficient credentials ({_one_line(e)})"
-        if names & _UNREACHABLE or isinstance(e, ConnectionError | TimeoutError | socket.gaierror):
+        network = isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS
+        if network or names & _UNREACHABLE or isinstance(e, ConnectionError | TimeoutError | socket.gaierror):
             return f"the store is unreachable ({_one_line(e)})"
     return None
 
