@@ -231,7 +231,9 @@ _ERRNO_CAUSES = {
     errno.EPERM: "permission denied",
     errno.ENOTDIR: "a path component is a file, not a directory",
 }
-_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+_NETWORK_ERRNOS = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT
+}  # fmt: skip
 # Backend exception class names (botocore, google-auth, azure-core, aiohttp), matched by name so this
 # module imports none of them.
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
