@@ -10,7 +10,13 @@ Storage failure policy (e.g. the object store goes away mid-save): DCP reports a
 rank, so every rank takes the same branch. A periodic save that fails is logged with its URL and
 training goes on from the last complete checkpoint, which stays intact; after `max_consecutive_failures`
 failed periodic saves in a row the job fails. The final save is retried `final_attempts` times with
-backoff, then the job fails (non-zero exit), so a scheduler retry resumes from the last complete step.
+backoff, then the job fails (non-zero exit), so a scheduler retry resumes from the last complete step;
+when the cause is a storage one recap can name (no space left, read-only, permissions, unreachable) that
+is one line, `CheckpointStorageError`.
+
+A complete step that cannot be read on resume (truncated shard or `.metadata`) is named with its file
+(`CheckpointCorruptError`); `checkpoint.on_corrupt=fallback` moves it to `step-N.corrupt` and resumes from
+the next older complete step (Checkpointer.load).
 """
 
 from __future__ import annotations

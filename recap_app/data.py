@@ -53,6 +53,12 @@ batch size), so a run moved from 2 to 4 ranks to 1 mid-epoch trains every exampl
 once, and all of them but the few left out at a re-deal. ``skip_batches`` skips batches from the start
 position using the Parquet footers' row counts: whole row groups are skipped unread.
 
+Unreadable data (``data.on_corrupt``): a file whose footer cannot be read (truncated, not Parquet) and a
+row group that fails mid-run raise ``CorruptDataError`` naming the file (and row group), or with ``skip``
+the file is dropped on every rank alike and the row group's rows are replaced by zero-weight copies of the
+reader's readable rows, so that every reader still yields the batches it was dealt (``_StandIn``); the
+trainer counts them over all ranks (``CorruptTally``) and fails past ``data.max_corrupt_fraction``.
+
 ``make_dataloader`` wraps the reader in a DataLoader. With ``num_workers > 0`` the DataLoader takes
 batches from the workers round-robin (skipping exhausted workers), so the reader's own
 ``skip_batches`` (per worker) is not the same as batches of the combined stream. ``make_dataloader``
