@@ -20,6 +20,8 @@ class RecapBatch(Pipelineable):
     source: str = ""
     # model.dense_embeddings inputs by name, each [B, dim] float32 (TwHIN vectors).
     dense_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Unreadable row groups the reader stood in for since its previous batch (data.on_corrupt=skip).
+    corrupt_units: tuple[int, ...] = ()
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RecapBatch:
         return RecapBatch(
@@ -32,6 +34,7 @@ class RecapBatch(Pipelineable):
             dense_embeddings={
                 k: v.to(device, non_blocking=non_blocking) for k, v in self.dense_embeddings.items()
             },
+            corrupt_units=self.corrupt_units,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -50,6 +53,7 @@ class RecapBatch(Pipelineable):
             weights=self.weights.pin_memory(),
             source=self.source,
             dense_embeddings={k: v.pin_memory() for k, v in self.dense_embeddings.items()},
+            corrupt_units=self.corrupt_units,
         )
 
     @property

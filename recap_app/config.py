@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from recap_app.errors import InputError
-from recap_app.storage import has_secret_value, is_secret_key
+from recap_app.storage import errors_named, has_secret_value, is_secret_key
 
 
 class ConfigError(InputError, ValueError):
@@ -194,6 +194,11 @@ class ModelConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------------------ data
+class CorruptDataPolicy(enum.StrEnum):
+    FAIL = "fail"  # stop, naming the file and row group
+    SKIP = "skip"  # drop unreadable files, stand in for unreadable row groups (recap_app/data.py)
+
+
 class DataConfig(StrictModel):
     """Where examples come from and their dense shape; sparse features come from the embedding tables."""
 
@@ -203,6 +208,10 @@ class DataConfig(StrictModel):
     num_binary: int = Field(ge=0)
     global_batch_size: int = Field(gt=0)
     num_workers: int = Field(0, ge=0)
+    # Parquet files / row groups that cannot be read (truncated, not Parquet): fail, or skip them and
+    # fail only when more than this fraction of the dataset's row groups was skipped.
+    on_corrupt: CorruptDataPolicy = CorruptDataPolicy.FAIL
+    max_corrupt_fraction: float = Field(0.1, ge=0, le=1)
 
     def per_rank_batch_size(self, world_size: int) -> int:
         if self.global_batch_size % world_size:
@@ -362,6 +371,11 @@ class TrainingConfig(StrictModel):
     collective_timeout_s: float = Field(600.0, gt=0)
 
 
+class CorruptCheckpointPolicy(enum.StrEnum):
+    FALLBACK = "fallback"  # rename it step-N.corrupt, resume from the newest readable complete step
+    FAIL = "fail"  # stop, naming the step and the file
+
+
 class CheckpointConfig(StrictModel):
     """`{save_dir}/checkpoints/step-N` saves (recap_app/checkpoint.py): interval, retention, failures."""
 
@@ -376,6 +390,8 @@ class CheckpointConfig(StrictModel):
     # On SIGTERM / SIGINT the ranks stop at an agreed step and save it, if the signal came at most this
     # long ago (torchrun kills its workers 30 s after forwarding a signal; keep the save inside that).
     preemption_timeout_s: float = Field(25.0, gt=0)
+    # A complete step that cannot be read on resume.
+    on_corrupt: CorruptCheckpointPolicy = CorruptCheckpointPolicy.FALLBACK
 
 
 class EvalConfig(StrictModel):
@@ -400,6 +416,8 @@ class StorageConfig(StrictModel):
 
     # Options passed to each fsspec filesystem (endpoints, anon, ...). Credentials belong in the env.
     options: dict[str, Any] = Field(default_factory=dict)
+    # An object store's endpoint that accepts no connection for this long fails the run, naming it.
+    connect_timeout_s: float = Field(30.0, gt=0)
 
 
 class RecapConfig(StrictModel):
@@ -442,7 +460,7 @@ def _read_yaml(config: str) -> dict[str, Any]:
         text = resources.files("recap_app.configs").joinpath(f"{config}.yaml").read_text()
     else:
         try:
-            with fsspec.open(config, "r") as f:
+            with errors_named(config, "read config"), fsspec.open(config, "r") as f:
                 text = f.read()
         except FileNotFoundError as e:
             raise ConfigError(

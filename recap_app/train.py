@@ -7,6 +7,7 @@ GPU) so the same sharded code path and checkpoints are used. The work is the Tra
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import torch.distributed as dist
@@ -17,6 +18,7 @@ from recap_app.distributed import setup_distributed
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import ALL_RANKS, log, setup_logging
 from recap_app.preemption import PREEMPTED_EXIT_CODE
+from recap_app.storage import set_connect_timeout
 from recap_app.trainer import Trainer, TrainerCallback
 
 
@@ -38,6 +40,13 @@ def load_run_config(args: argparse.Namespace) -> RecapConfig:
     return config
 
 
+def check_before_start(config: RecapConfig) -> None:
+    """What the config alone can refuse, before any data is generated or a process group formed (a
+    batch that does not split over torchrun's WORLD_SIZE would otherwise fail after both)."""
+    set_connect_timeout(config.storage.connect_timeout_s)
+    config.data.per_rank_batch_size(int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -50,6 +59,7 @@ def main(
     args = parse_args(argv)
     with exit_on_input_error():
         config = load_run_config(args)
+        check_before_start(config)
         runtime = setup_distributed(config.training.collective_timeout_s)
         log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device}", rank=ALL_RANKS)
         try:

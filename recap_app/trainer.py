@@ -104,6 +104,7 @@ class Trainer:
         # Files listed and footers read once, before resuming: the row count sizes the data position.
         self.train_loader = self._train_loader()
         self.train_rows = self.train_loader.dataset.num_rows
+        self.corrupt_data = data.CorruptTally(self.train_loader.dataset, runtime.device)  # on_corrupt=skip
         self.data_start, self.start_step = data.DataPosition.fresh(0, self.train_rows), 0
         resumed = self.checkpointer.load()
         self.train_loader.dataset.start = self.data_start  # read when the loader is iterated
@@ -221,7 +222,7 @@ class Trainer:
             log(f"nothing to do: step {self.step} >= training.num_train_steps={total}")
             self.close()
             return {"step": self.step, "save_dir": self.config.training.save_dir}
-        batches = iter(self.train_loader)
+        batches = self.corrupt_data.watch(iter(self.train_loader))
         self.metrics.start(self.step, total, self.per_rank_batch, rt.world_size)
         log(
             f"training steps {self.step}..{total} on {rt.world_size} rank(s), batch {self.per_rank_batch}"
@@ -302,7 +303,8 @@ class Trainer:
         if log_now or eval_now or save_now or embed_now:
             self.guard.check()
         if log_now:
-            self.metrics.log(step, self.lr, {"nonfinite_skipped": self.guard.skipped})
+            extra = {"nonfinite_skipped": self.guard.skipped, **self.corrupt_data.reduce()}
+            self.metrics.log(step, self.lr, extra)
         if eval_now:
             self.last_eval = self.validate()
         if save_now or embed_now:
