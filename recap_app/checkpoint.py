@@ -52,7 +52,16 @@ from recap_app.safe_pickle import (
     UntrustedInputError,
     restricted_load,
 )
-from recap_app.storage import describe_error, errors_named, exists, has_scheme, join, storage_cause, url_to_fs
+from recap_app.storage import (
+    describe_error,
+    errors_named,
+    exists,
+    has_scheme,
+    join,
+    short_write_cause,
+    storage_cause,
+    url_to_fs,
+)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 METADATA = ".metadata"
@@ -392,7 +401,7 @@ class Checkpointer:
                 if fatal
                 else f"{self.consecutive_failures} periodic saves in a row"
             )
-            cause = storage_cause(error)
+            cause = storage_cause(error) or short_write_cause(url, error)
             if cause is not None:
                 raise CheckpointStorageError(
                     f"checkpoint save to {url} failed ({how}): {cause} [{_brief(error)}]"

@@ -115,13 +115,13 @@ class StepCoordinator:
 
 
 def is_collective_failure(error: BaseException) -> bool:
-    """A gloo / nccl collective that timed out or lost its peer (DistBackendError or gloo's RuntimeError)."""
+    """A gloo / nccl collective that timed out or lost its peer: DistBackendError, or gloo's RuntimeErrors
+    ("Timed out waiting ...", "Application timeout caused pair closure", "Connection reset by peer")."""
     if isinstance(error, dist.DistBackendError):
         return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
-    )
+    text = str(error).lower()
+    signs = ("timed out", "timeout", "pair closure", "connection closed by peer", "connection reset by peer")
+    return isinstance(error, RuntimeError) and any(s in text for s in signs)
 
 
 def log_preempted(step: int, signal_name: str, saved_in: float | None, since_signal: float) -> None:

@@ -281,6 +281,22 @@ def storage_cause(error: BaseException) -> str | None:
     return None
 
 
+def short_write_cause(url: str, error: BaseException) -> str | None:
+    """torch's zip writer reports a write the disk cut short as "unexpected pos N vs M", without the
+    errno: on a local URL whose filesystem has (almost) no space left, say so."""
+    if has_scheme(url) and not url.startswith("file://"):
+        return None
+    if not any("unexpected pos" in str(e) for e in _chain(error)):
+        return None
+    path = url.removeprefix("file://")
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not path:
+        return None
+    st = os.statvfs(path)
+    return _ERRNO_CAUSES[errno.ENOSPC] if st.f_bavail * st.f_frsize < 1 << 20 else None
+
+
 _CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS or "
     "AZURE_STORAGE_CONNECTION_STRING in the environment"
