@@ -25,3 +25,12 @@ def exit_on_input_error() -> Iterator[None]:
         yield
     except InputError as e:
         raise SystemExit(f"recap: error: {e}") from None
+
+
+class SubmitError(SystemExit):
+    """A job that cannot work as submitted (a container without an image, an output that would vanish
+    with it). Raised by the TorchX components and schedulers at submit time: the `torchx` CLI prints a
+    SystemExit's message alone, where any other exception would end in a traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"recap: error: {message}")

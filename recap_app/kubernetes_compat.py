@@ -17,9 +17,9 @@ from typing import Any
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
 from torchx.schedulers.kubernetes_scheduler import JOB_STATE, TASK_STATE, KubernetesScheduler
-from torchx.specs import AppState
+from torchx.specs import AppDef, AppState
 
-from recap_app.scheduler_compat import describe_response
+from recap_app.scheduler_compat import describe_response, require_images
 
 # Volcano's job phases (volcano.sh/apis batch/v1alpha1 JobPhase), every one of them mapped.
 VOLCANO_JOB_STATES: dict[str, AppState] = {
@@ -49,6 +49,9 @@ def parse_volcano_job(app_id: str, job: dict[str, Any]) -> DescribeAppResponse:
 
 class RecapKubernetesScheduler(KubernetesScheduler):
     """torchx 0.7.0's ``kubernetes`` scheduler; status survives ``Completing`` and deleted jobs."""
+
+    def _validate(self, app: AppDef, scheduler: str) -> None:
+        require_images(app, scheduler)
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
         from kubernetes.client.rest import ApiException
