@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -197,3 +198,19 @@ def test_bad_input_ends_with_the_message_alone(tmp_path: Path) -> None:
         assert out.returncode == 1, out.stderr
         assert "recap: error:" in out.stderr and message in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_recap_help_lists_commands_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    recap_cli = str(Path(sys.executable).parent / "recap")
+    from recap_app.cli import PURPOSES
+
+    out = subprocess.run([recap_cli, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: recap"), out.stderr
+    for name, purpose in PURPOSES.items():
+        assert re.search(rf"^  {name} +{re.escape(purpose)}$", out.stdout, re.MULTILINE), out.stdout
+    for argv, problem in (["bogus"], "unknown command 'bogus'"), ([], "no command given"):
+        out = subprocess.run([recap_cli, *argv], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stdout == "", out
+        assert out.stderr.splitlines()[-1].startswith(f"recap: error: {problem} (choose from train, "), (
+            out.stderr
+        )
