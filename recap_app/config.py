@@ -19,6 +19,8 @@ from recap_app.errors import InputError
 class ConfigError(InputError, ValueError):
     """A config that cannot be used: not found, not YAML, a bad override or a failed validation."""
 
+    every_rank = True
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)

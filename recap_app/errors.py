@@ -9,6 +9,7 @@ module can raise these.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,14 +17,19 @@ from contextlib import contextmanager
 class InputError(Exception):
     """Something the user gave cannot be used; the message names it and says what to change."""
 
+    #: Met alike by every rank (a config error: every rank reads the same config), so only rank 0 says it.
+    every_rank = False
+
 
 @contextmanager
 def exit_on_input_error() -> Iterator[None]:
     """Turn an InputError into `recap: error: <message>` and exit status 1 (under torchrun, on each rank
-    that meets it)."""
+    that meets it; on rank 0 alone for errors every rank meets)."""
     try:
         yield
     except InputError as e:
+        if e.every_rank and os.environ.get("RANK", "0") != "0":
+            raise SystemExit(1) from None  # rank 0 says it once, not once per process
         raise SystemExit(f"recap: error: {e}") from None
 
 

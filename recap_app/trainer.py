@@ -37,6 +37,8 @@ from recap_app.synthetic_data import ensure_synthetic_data
 class ResumeMismatchError(InputError):
     """The run under --output was trained with another world size or per-rank batch."""
 
+    every_rank = True
+
 
 class TrainerCallback(Protocol):
     def on_step_end(self, trainer: Trainer) -> None: ...

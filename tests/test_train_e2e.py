@@ -80,8 +80,9 @@ def test_single_process_without_torchrun(tmp_path: Path) -> None:
 
 
 def test_evaluate_scores_every_example_once_on_any_world_size(tmp_path: Path) -> None:
-    """`recap evaluate` without --num-batches: one pass over the whole eval set. Two ranks get unequal
-    shares (padded to equal batches for the sharded model) and report what one process reports."""
+    """`recap evaluate` without --num-batches: one pass over the whole eval set. Three ranks get unequal
+    shares (padded to equal batches for the sharded model) and report what one process reports. Training
+    on 3 ranks, whose global batch must divide, says so in one `recap: error:` line (rank 0's)."""
     out = tmp_path / "run"
     _run(
         [str(VENV_BIN / "recap"), "train", "--output", str(out), "training.num_train_steps=10", *FAST],
@@ -90,13 +91,22 @@ def test_evaluate_scores_every_example_once_on_any_world_size(tmp_path: Path) ->
     eval_url = out / "data" / "eval"
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in eval_url.rglob("*.parquet"))
     reports = {}
-    for nproc in (1, 2):
+    for nproc in (1, 3):  # 3 does not divide data.global_batch_size=256: each rank scores batches of 86
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         args = ["--checkpoint", str(out), "--data", str(eval_url), "--output", str(tmp_path / f"ev{nproc}")]
-        _run([*cmd, "-m", "recap_app.evaluate", *args, "data.global_batch_size=384"], tmp_path)
+        _run([*cmd, "-m", "recap_app.evaluate", *args], tmp_path)
         reports[nproc] = json.loads((tmp_path / f"ev{nproc}" / "eval_metrics.json").read_text())
-    one, two = reports[1], reports[2]
-    assert one["examples"] == two["examples"] == rows
+    one, three = reports[1], reports[3]
+    assert one["examples"] == three["examples"] == rows
     for key, value in one.items():
         if key.startswith(("auroc/", "rce/", "pos_rate/")) or key == "loss":
-            assert abs(two[key] - value) < 1e-4, (key, value, two[key])
+            assert abs(three[key] - value) < 1e-4, (key, value, three[key])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"]
+    env = {**os.environ, "LOGLEVEL": "WARNING"}
+    train3 = [*cmd, "-m", "recap_app.train", "--output", str(tmp_path / "x3"), "training.num_train_steps=2"]
+    proc = subprocess.run(train3, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("recap: error:")]
+    assert errors == ["recap: error: data.global_batch_size=256 must be divisible by the world size 3"], (
+        proc.stderr[-3000:]
+    )
