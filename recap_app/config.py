@@ -268,6 +268,7 @@ class EmbeddingLogConfig(StrictModel):
 
     every_n: int = Field(0, ge=0)
     tables: list[str] | None = None  # None: every table
+    keep_latest_k: int = Field(3, ge=0)  # step folders kept, the newest; 0: keep all
 
 
 class StorageConfig(StrictModel):
