@@ -29,8 +29,8 @@ from recap_app.logs import log
 from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
 from recap_app.optimizers import learning_rate, set_learning_rate
-from recap_app.run_record import append_run_record
-from recap_app.storage import join, redact
+from recap_app.run_record import append_run_record, config_summary
+from recap_app.storage import join
 from recap_app.synthetic_data import ensure_synthetic_data
 
 
@@ -69,7 +69,7 @@ class Trainer:
         self.lr = 0.0
         self.per_rank_batch = config.data.per_rank_batch_size(runtime.world_size)
         tc = config.training
-        log(f"config: {json.dumps(redact(config.model_dump(mode='json')), sort_keys=True)}")
+        log(config_summary(config))
         self.lease = OutputLease(
             tc.save_dir,
             timeout_s=tc.lease_timeout_s,

@@ -214,3 +214,14 @@ def test_recap_help_lists_commands_and_refuses_unknown_ones(tmp_path: Path) -> N
         assert out.stderr.splitlines()[-1].startswith(f"recap: error: {problem} (choose from train, "), (
             out.stderr
         )
+
+
+def test_train_speaks_before_importing_torch() -> None:
+    """`recap train` logs its first line before torch and torchrec load (seconds per process)."""
+    probe = (
+        "import sys, recap_app.train, recap_app.cli; print(sorted(m for m in sys.modules if 'torch' in m))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -75,6 +75,8 @@ def test_single_process_without_torchrun(tmp_path: Path) -> None:
         tmp_path,
     )
     assert "rank 0/1" in log
+    assert log.index("recap train: output") < log.index("rank 0/1")  # said before torch's import
+    assert "train: 65536 examples" in log and "/data/train/part-00003.parquet: 16384 rows" in log  # progress
     assert (out / "checkpoints/step-10/.metadata").exists()
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [5, 10]
 
