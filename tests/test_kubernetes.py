@@ -5,7 +5,7 @@
    run it (with Volcano's svc-plugin host variables), so the rendezvous endpoint really resolves to
    the rank-0 task.
 2. Offline validation: the Volcano Job CRD's openAPIV3Schema (jsonschema, unknown fields rejected as
-   the API server's strict field validation would; skipped when ../shared/volcano is absent), a round
+   the API server's strict field validation would; skipped without the CRD file, see CRD), a round
    trip through the kubernetes client models, and kubernetes-validate on the pod templates.
 3. Submit, status and cancel against a Kubernetes API emulator on 127.0.0.1 (tests/k8s_emulator.py):
    once through the `torchx` CLI, once through the TorchX runner API, asserting on what the emulator
@@ -37,7 +37,10 @@ from kmock import action
 from torchx_components import recap
 
 REPO = Path(__file__).resolve().parents[1]
-CRD = REPO.parent / "shared" / "volcano" / "batch.volcano.sh_jobs.yaml"
+# Test data, not in the project: volcano-sh/volcano's config/crd/volcano/bases/batch.volcano.sh_jobs.yaml
+CRD = Path(
+    os.environ.get("RECAP_VOLCANO_CRD") or REPO.parent / "shared" / "volcano" / "batch.volcano.sh_jobs.yaml"
+)
 
 IMAGE = "ghcr.io/x/recap:1"
 NAMESPACE, QUEUE = "ml", "default"
@@ -328,7 +331,10 @@ def test_gpu_requests_nvidia_gpu() -> None:
 
 def test_volcano_crd_schema(dryrun: dict[str, Any]) -> None:
     if not CRD.exists():
-        pytest.skip(f"Volcano Job CRD not found at {CRD} (test data in ../shared/volcano)")
+        pytest.skip(
+            f"Volcano Job CRD not found at {CRD}: set RECAP_VOLCANO_CRD to a copy of volcano-sh/volcano's "
+            "config/crd/volcano/bases/batch.volcano.sh_jobs.yaml (README, On Kubernetes)"
+        )
     job = dryrun["job"]
     assert crd_errors(job) == []
     # The statuses the emulator tests set are ones Volcano could write.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from recap_app.config import load_config
 from recap_app.summary import summarize
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["training.log_every_n=5", "eval.every_n=0", "eval.num_batches=2"]
 
 
@@ -32,6 +35,18 @@ def _torchx_train(output: Path, cwd: Path, *overrides: str) -> str:
 
 def _metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def _readme_metrics_keys(tasks: list[str]) -> tuple[set[str], set[str]]:
+    """The keys of the README's two metrics.jsonl tables (training, eval), `<task>` expanded."""
+    section = (REPO / "README.md").read_text().split("## metrics.jsonl", 1)[1].split("\n## ", 1)[0]
+    tables = re.findall(r"\| key \| meaning \|\n\|---\|---\|\n((?:\|.*\n)+)", section)
+    assert len(tables) == 2, section
+    keys = []
+    for table in tables:
+        names = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
+        keys.append({n.replace("<task>", t) for n in names for t in tasks})
+    return keys[0], keys[1]
 
 
 def test_torchx_local_two_ranks_then_resume(tmp_path: Path) -> None:
@@ -57,6 +72,10 @@ def test_torchx_local_two_ranks_then_resume(tmp_path: Path) -> None:
     assert "at step 20" in log and "resumed from" in log
     records = _metrics(out)
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
+    tasks = sorted(load_config("local").model.tasks)
+    train_keys, eval_keys = _readme_metrics_keys(tasks)  # the README documents exactly these
+    assert [set(r) for r in records if "loss" in r] == [train_keys] * 6
+    assert [set(r) for r in records if "eval/loss" in r] == [eval_keys] * 2
     final_eval = [r for r in records if "eval/loss" in r]
     assert final_eval and final_eval[-1]["step"] == 30
     assert 0.0 <= final_eval[-1]["eval/auroc/recap.engagement.is_favorited"] <= 1.0
