@@ -186,6 +186,7 @@ def test_bad_input_ends_with_the_message_alone(tmp_path: Path) -> None:
     for args, message in (
         (["train", "training.bogus=1"], "training.bogus: Extra inputs are not permitted"),
         (["train", "--config", "nope.yaml"], "config 'nope.yaml' not found"),
+        (["train", "embedding_log.tables=[usr]"], "embedding_log.tables: no table(s) ['usr']"),
         (["generate-data", "--output", str(tmp_path), "model.tasks=[1"], "the value is not valid YAML"),
         (
             ["train", "--output", dest, f"data.train_url={nothing}", f"data.eval_url={nothing}"],
