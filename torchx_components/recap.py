@@ -75,10 +75,11 @@ def _job_path(option: str, url: str, image: str, mounts: Optional[List[str]], *,
     if mounted or (os.path.isabs(path) and not output):
         return url
     where = "a path on the submitting machine" if not os.path.isabs(path) else "not on a mounted volume"
+    why = "in the image it would be lost with the container" if output else "the image has no such path"
     raise SubmitError(
-        f"--{option} {url} is {where}; in the image it would be lost with the container: pass an "
-        f"object-store URL (--{option} s3://bucket/runs/x, gs://, az://) or a path under a --mounts "
-        f"destination (--mounts type=volume,src=<claim>,dst=/data --{option} /data/runs/x)"
+        f"--{option} {url} is {where}; {why}: pass an object-store URL (--{option} s3://bucket/runs/x, "
+        f"gs://, az://) or a path under a --mounts destination (--mounts type=volume,src=<claim>,dst=/data "
+        f"--{option} /data/runs/x)"
     )
 
 
