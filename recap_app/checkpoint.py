@@ -29,12 +29,19 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.storage import StorageWriter
 
 from recap_app.config import CheckpointConfig
 from recap_app.errors import InputError
 from recap_app.logs import log
+from recap_app.safe_pickle import (
+    DCP_METADATA_GLOBALS,
+    RefusedGlobalError,
+    UntrustedInputError,
+    restricted_load,
+)
 from recap_app.storage import exists, has_scheme, join, url_to_fs
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -56,6 +63,10 @@ class CheckpointMismatchError(InputError, ValueError):
 
 class CheckpointNotFoundError(InputError, FileNotFoundError):
     """No complete checkpoint where the user pointed."""
+
+
+class CheckpointUntrustedError(UntrustedInputError):
+    """Loading the checkpoint would unpickle an arbitrary object (run code); refused, nothing was run."""
 
 
 def step_url(root: str, step: int) -> str:
@@ -92,17 +103,86 @@ def storage_writer(url: str, storage_options: Mapping[str, Any] | None = None) -
 
 
 class _LoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner without its torch<=2.3 guess. When a rank's state lacks some checkpoint
-    keys, as with the optimizer state of table-wise sharded tables, DCP takes the checkpoint for a
-    pre-2.4 one and re-flattens the state the old way, then fails ("Missing key in checkpoint
-    state_dict: train"). Our checkpoints are all written by torch >= 2.13."""
+    """DCP's default load planner without its torch<=2.3 guess, and without pickled items.
+
+    When a rank's state lacks some checkpoint keys, as with the optimizer state of table-wise sharded
+    tables, DCP takes the checkpoint for a pre-2.4 one and re-flattens the state the old way, then fails
+    ("Missing key in checkpoint state_dict: train"). Our checkpoints are all written by torch >= 2.13.
+
+    DCP's own planner torch.loads every non-tensor (BytesIO) item with weights_only off, i.e. runs
+    whatever the file says; recap checkpoints hold tensors only, so such an item is refused at planning,
+    before anything is read."""
+
+    def __init__(self, url: str = "") -> None:
+        super().__init__()
+        self.url = url
 
     def create_local_plan(self) -> LoadPlan:
-        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+        plan = create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                raise self._refused(item)
+        return plan
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        raise self._refused(read_item)
+
+    def _refused(self, item: ReadItem) -> CheckpointUntrustedError:
+        return _pickled_item_refusal(self.url, self.metadata, item.dest_index.fqn)
 
 
-def _reader(url: str, storage_options: Mapping[str, Any] | None) -> FsspecReader:
-    return FsspecReader(url, **dict(storage_options or {}))
+def _pickled_item_refusal(url: str, metadata: Any, fqn: str) -> CheckpointUntrustedError:
+    info = getattr(metadata, "storage_data", {}).get(MetadataIndex(fqn))
+    where = join(url, getattr(info, "relative_path", METADATA))
+    return CheckpointUntrustedError(
+        f"checkpoint {where}: refused to unpickle item {fqn!r} (a pickled object; recap checkpoints "
+        "hold tensors only)"
+    )
+
+
+class _SafeReader(FsspecReader):
+    """DCP's fsspec reader with `.metadata` unpickled through an allow-list of DCP's metadata types (its
+    own read_metadata is a plain pickle.load: a crafted file would run code on every rank that loads it).
+    The metadata is read once per reader: `load_checkpoint` reads it first, so a refusal is the error the
+    user sees (DCP itself would bury it under "metadata is None")."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.url = url
+        self._metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        if rank is None and self._metadata is not None:
+            return self._metadata
+        path = self._get_metadata_path(rank)
+        name = join(self.url, str(path).rsplit("/", 1)[-1])
+        with self.fs.create_stream(path, "rb") as f:
+            md = read_checkpoint_metadata(f.read(), name)
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        if rank is None:
+            self._metadata = md
+        return md
+
+
+def read_checkpoint_metadata(data: bytes, name: str) -> Metadata:
+    """Unpickle a DCP `.metadata` (its bytes; `name` is its URL, for errors) admitting only DCP's
+    metadata types: anything else is refused before it is imported, let alone called."""
+    try:
+        md = restricted_load(data, DCP_METADATA_GLOBALS)
+    except RefusedGlobalError as e:
+        raise CheckpointUntrustedError(
+            f"checkpoint {name}: refused to unpickle {e.module}.{e.name} (not a checkpoint metadata type)"
+        ) from None
+    if not isinstance(md, Metadata):
+        raise CheckpointUntrustedError(f"checkpoint {name}: holds a {type(md).__name__}, not DCP metadata")
+    return md
+
+
+def _reader(url: str, storage_options: Mapping[str, Any] | None) -> _SafeReader:
+    return _SafeReader(url, **dict(storage_options or {}))
 
 
 class ModuleState:
@@ -310,12 +390,16 @@ class Checkpointer:
             for part in self.states.values():
                 if hasattr(part, "init_state"):
                     part.init_state()  # optimizer state is lazy; DCP loads in place
-            # The train state first: it refuses a resume it cannot keep exact before the rest is read.
-            for names in (["train_state"], [n for n in self.states if n != "train_state"]):
-                state = self._state_dict(names)
-                load_checkpoint(url, state, self.storage_options, self.process_group)
-                for name in names:
-                    self.states[name].load_state_dict(state[name])
+            # The train state first (its tensors shaped as saved: the data position varies in size),
+            # so it can refuse a resume before the rest is read.
+            state = {"train_state": self._saved_tensors(url, "train_state")}
+            load_checkpoint(url, state, self.storage_options, self.process_group)
+            self.states["train_state"].load_state_dict(state["train_state"])
+            names = [n for n in self.states if n != "train_state"]
+            state = self._state_dict(names)
+            load_checkpoint(url, state, self.storage_options, self.process_group)
+            for name in names:
+                self.states[name].load_state_dict(state[name])
             log(f"resumed from {url} at step {step}")
             return True
         if self.cfg.initial_checkpoint:
@@ -324,6 +408,17 @@ class Checkpointer:
             )
             log(f"warm start: model weights from {self.cfg.initial_checkpoint} (optimizer and step fresh)")
         return False
+
+    def _saved_tensors(self, url: str, part: str) -> dict[str, torch.Tensor]:
+        """Empty tensors shaped like the checkpoint's `part.*` entries (which must all be tensors)."""
+        metadata = _reader(url, self.storage_options).read_metadata()
+        out = {}
+        for key, item in metadata.state_dict_metadata.items():
+            if key.startswith(f"{part}."):
+                if not isinstance(item, TensorStorageMetadata):
+                    raise _pickled_item_refusal(url, metadata, key)
+                out[key[len(part) + 1 :]] = torch.empty(item.size, dtype=item.properties.dtype)
+        return out
 
     def close(self) -> None:
         self.wait()
@@ -342,6 +437,7 @@ def load_checkpoint(
     if not exists(join(url, METADATA), storage_options):
         raise CheckpointNotFoundError(f"no complete checkpoint at {url} (missing {METADATA})")
     reader = _reader(url, storage_options)
+    reader.read_metadata()  # allow-listed unpickling; its refusal is the error to show
     try:
         with warnings.catch_warnings():
             # with no_dist, DCP says it assumes a single-process load: asked for, not news
@@ -349,11 +445,12 @@ def load_checkpoint(
             dcp.load(
                 state,
                 storage_reader=reader,
-                planner=_LoadPlanner(),
+                planner=_LoadPlanner(url),
                 process_group=process_group,
                 no_dist=no_dist,
             )
     except (Exception, dcp.CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        _raise_if_untrusted(e)
         lines = _mismatch_lines(url, state, storage_options)
         if not lines:
             raise  # keys and shapes fit (e.g. the store is unreachable): the original error says what
@@ -373,6 +470,16 @@ def load_model_weights(
     state = {"model": model.state_dict()}
     load_checkpoint(url, state, storage_options, process_group, no_dist=no_dist)
     model.load_state_dict(state["model"])
+
+
+def _raise_if_untrusted(error: BaseException) -> None:
+    """Re-raise a refusal by the planner: DCP wraps every rank's failure into one CheckpointException."""
+    if isinstance(error, CheckpointUntrustedError):
+        raise error
+    if isinstance(error, dcp.CheckpointException):
+        for exc, _ in error.failures.values():
+            if isinstance(exc, CheckpointUntrustedError):
+                raise exc from None
 
 
 def _mismatch_head(url: str, error: BaseException) -> str:

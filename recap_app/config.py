@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from recap_app.errors import InputError
+from recap_app.storage import has_secret_value, is_secret_key
 
 
 class ConfigError(InputError, ValueError):
@@ -240,6 +241,9 @@ class TrainingConfig(StrictModel):
     # heartbeat; force_lease takes a live one over (for when you know the other run is gone).
     lease_timeout_s: float = Field(300.0, gt=0)
     force_lease: bool = False
+    # Every collective (gloo and nccl) fails after this long: a stopped or vanished rank ends the job in
+    # bounded time, naming the step and the rank, and a scheduler retry resumes.
+    collective_timeout_s: float = Field(600.0, gt=0)
 
 
 class CheckpointConfig(StrictModel):
@@ -253,6 +257,9 @@ class CheckpointConfig(StrictModel):
     # Failed periodic saves in a row before the job fails; attempts of the final save.
     max_consecutive_failures: int = Field(3, gt=0)
     final_attempts: int = Field(3, gt=0)
+    # On SIGTERM / SIGINT the ranks stop at an agreed step and save it, if the signal came at most this
+    # long ago (torchrun kills its workers 30 s after forwarding a signal; keep the save inside that).
+    preemption_timeout_s: float = Field(25.0, gt=0)
 
 
 class EvalConfig(StrictModel):
@@ -326,9 +333,56 @@ def _read_yaml(config: str) -> dict[str, Any]:
     return data
 
 
+class SecretOverrideError(ConfigError):
+    """A credential given as a command-line override: it would sit in shell history, job specs (TorchX
+    --dryrun prints them), process listings and logs."""
+
+
+# The config's one free-form mapping: fsspec options, where credentials could go (all else is schema).
+_OPTIONS_PATH = ["storage", "options"]
+# gcsfs's `token` also names an authentication method; those words are not secrets.
+_TOKEN_METHODS = frozenset({"anon", "google_default", "cache", "cloud", "browser"})
+SECRET_HINT = (
+    "credentials are not accepted on the command line; set them in the environment (AWS_ACCESS_KEY_ID / "
+    "AWS_SECRET_ACCESS_KEY, AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME / "
+    "AZURE_STORAGE_ACCOUNT_KEY, GOOGLE_APPLICATION_CREDENTIALS) or in a config file (--config)"
+)
+
+
+def refuse_secret_override(override: str) -> None:
+    """Raise SecretOverrideError, naming the key but never the value, for an override that sets a
+    secret-looking key under storage.options (also inside a mapping value) or whose value holds a URL
+    password or connection-string key. Anything else (malformed overrides too) passes to apply_override."""
+    key, _, raw = override.partition("=")
+    try:
+        parts = _split_key(key.strip())
+    except ConfigError:
+        return
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    for path, leaf in _leaves(parts, value):
+        named = path[:2] == _OPTIONS_PATH and any(is_secret_key(p) for p in path[2:])
+        harmless = leaf in (None, "") or (path[-1] == "token" and leaf in _TOKEN_METHODS)
+        if (named and not harmless) or (isinstance(leaf, str) and has_secret_value(leaf)):
+            raise SecretOverrideError(f"override {'.'.join(map(str, path))}=...: {SECRET_HINT}")
+
+
+def _leaves(path: list[str], value: Any) -> list[tuple[list[str], Any]]:
+    """(key path, value) of every leaf of `value` set at `path` (mapping values expand their keys)."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves([*path, str(k)], v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(path, v)]
+    return [(path, value)]
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply `a.b.c=value` (value parsed as YAML) in place. Task names may contain dots: quote them
-    in brackets, e.g. `model.tasks[recap.engagement.is_replied].pos_weight=2`."""
+    in brackets, e.g. `model.tasks[recap.engagement.is_replied].pos_weight=2`. Credentials are refused
+    (refuse_secret_override)."""
+    refuse_secret_override(override)
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.path=value")
     key, raw = override.split("=", 1)

@@ -38,16 +38,20 @@ weights [B, T] float32 with tasks in config order.
 Reading
 -------
 ``url`` is a file, a directory (searched recursively for ``*.parquet`` / ``*.parq``, skipping names
-that start with ``_`` or ``.``), a glob, or a key prefix, on any fsspec backend. The work units are
-the (file, row group) pairs in sorted file order; in each epoch unit i (after an optional per-epoch
-shuffle with seed ``shuffle_seed + epoch``) belongs to global reader ``i % (world_size * num_workers)``,
-where global reader = ``rank * num_workers + worker``. With ``shuffle_seed`` the rows inside each row
-group are permuted as well, differently every epoch (seeded by seed, epoch and row group). Each reader
-streams its row groups, carries leftover rows across row groups and yields batches of exactly
-``batch_size`` rows; with ``repeat`` it loops over epochs forever and drops each epoch's last partial
-batch, without it the last partial batch is yielded once. ``skip_batches`` skips batches using the
-Parquet footers' row counts: whole row groups are skipped unread, only the one holding the resume
-point is decoded.
+that start with ``_`` or ``.``), a glob, or a key prefix, on any fsspec backend. Each epoch has an order
+of all rows: the (file, row group) units in sorted file order, or with ``shuffle_seed`` permuted with
+seed ``shuffle_seed + epoch`` and the rows inside each row group permuted too (seeded by seed, epoch and
+row group). The readers (global reader = ``rank * num_workers + worker``) each take one contiguous run of
+that order, so a reader touches few row groups: with ``repeat`` every reader gets the same number of
+full batches of ``batch_size`` (the rest of the epoch, fewer than readers x batch_size rows, is left
+out) and the readers move to the next epoch together, forever; without it the rows are split into
+near-equal runs and each reader's last batch may be partial.
+
+Where the training stream stands is a ``DataPosition``: the epoch and the rows of its order not trained
+on yet. A resumed run deals those rows out again to however many ranks and workers it has (and any
+batch size), so a run moved from 2 to 4 ranks to 1 mid-epoch trains every example of the epoch at most
+once, and all of them but the few left out at a re-deal. ``skip_batches`` skips batches from the start
+position using the Parquet footers' row counts: whole row groups are skipped unread.
 
 ``make_dataloader`` wraps the reader in a DataLoader. With ``num_workers > 0`` the DataLoader takes
 batches from the workers round-robin (skipping exhausted workers), so the reader's own
@@ -446,6 +450,83 @@ class _Unit:
     num_rows: int
 
 
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the training stream stands, whatever the world size: the epoch, and the rows of that epoch's
+    order not trained on yet, as [start, end) intervals of it (in order). A fresh epoch is one interval
+    over every row. Saved in checkpoints; a resume on any number of ranks and workers deals out exactly
+    these rows, so every example is trained on at most once per epoch (see the module docstring)."""
+
+    epoch: int
+    segments: tuple[tuple[int, int], ...]
+
+    @staticmethod
+    def fresh(epoch: int, num_rows: int) -> DataPosition:
+        return DataPosition(epoch, ((0, num_rows),))
+
+    @property
+    def rows(self) -> int:
+        return sum(b - a for a, b in self.segments)
+
+    def take(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Rows [lo, hi) of the concatenated segments, as intervals of the epoch's order."""
+        out, offset = [], 0
+        for a, b in self.segments:
+            start, stop = max(lo, offset), min(hi, offset + b - a)
+            if start < stop:
+                out.append((a + start - offset, a + stop - offset))
+            offset += b - a
+        return out
+
+    def lane_batches(self, lanes: int, batch_size: int) -> int:
+        """Full batches each of `lanes` readers gets from these rows (the rest, < lanes x batch, is left)."""
+        return self.rows // (lanes * batch_size)
+
+    def advance(self, steps: int, lanes: int, workers: int, batch_size: int, num_rows: int) -> DataPosition:
+        """The position after every rank trained `steps` batches from here with `lanes` = ranks x workers
+        readers (a DataLoader takes its workers' batches in turn)."""
+        pos = self
+        while True:
+            n = pos.lane_batches(lanes, batch_size)
+            if steps < n * workers:
+                break
+            steps -= n * workers
+            pos = DataPosition.fresh(pos.epoch + 1, num_rows)
+            if pos.lane_batches(lanes, batch_size) == 0:
+                raise DataError(
+                    f"{num_rows} rows give no full batch of {batch_size} to each of {lanes} readers"
+                )
+        if steps == 0:
+            return pos
+        share, left = n * batch_size, []
+        for lane in range(lanes):
+            done = steps // workers + (1 if lane % workers < steps % workers else 0)
+            left += pos.take(lane * share + done * batch_size, (lane + 1) * share)
+        left += pos.take(lanes * share, pos.rows)  # never dealt out this round: still unseen
+        return DataPosition(pos.epoch, _coalesce(left))
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        segments = torch.tensor(self.segments, dtype=torch.int64).reshape(-1, 2)
+        return {"data_epoch": torch.tensor(self.epoch), "data_segments": segments}
+
+    @staticmethod
+    def from_tensors(state: Mapping[str, torch.Tensor]) -> DataPosition:
+        segments = tuple((int(a), int(b)) for a, b in state["data_segments"].tolist())
+        return DataPosition(int(state["data_epoch"]), segments)
+
+
+def _coalesce(intervals: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[tuple[int, int]] = []
+    for a, b in intervals:
+        if a >= b:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
 @dataclass
 class _WorkerPlan:
     """Set by make_dataloader: per logical worker skip counts and the rotation of DataLoader worker ids."""
@@ -463,10 +544,11 @@ class _File:
 
 
 class ParquetBatchReader(IterableDataset):
-    """Streams this rank's (and DataLoader worker's) share of Parquet row groups as RecapBatches.
+    """Streams this rank's (and DataLoader worker's) share of the examples as RecapBatches.
 
     Files are listed and their footers read (and schema-checked) at construction, so a bad URL or
     file fails at once, in the main process. `storage_options` default to `config.storage.options`.
+    With `repeat`, the stream starts at `start` (a saved DataPosition; default: the first epoch's start);
     `skip_batches` applies to each worker's own stream (see make_dataloader for the combined stream).
     """
 
@@ -482,19 +564,11 @@ class ParquetBatchReader(IterableDataset):
         shuffle_seed: int | None = None,
         skip_batches: int = 0,
         pad: bool = False,
+        start: DataPosition | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if pad and (repeat or skip_batches):
-            raise ValueError("pad is for one pass from the start: it needs repeat=False and skip_batches=0")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if skip_batches < 0:
-            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-        if shuffle_seed is not None and shuffle_seed < 0:
-            raise ValueError(f"shuffle_seed must be >= 0, got {shuffle_seed}")
+        _check_reader_args(batch_size, rank, world_size, repeat, shuffle_seed, skip_batches, pad, start)
         self.url = url
         self.layout = Layout.of(config)
         self.batch_size = batch_size
@@ -506,9 +580,16 @@ class ParquetBatchReader(IterableDataset):
         self.pad = pad
         self.storage_options = dict(config.storage.options if storage_options is None else storage_options)
         self._worker_plan: _WorkerPlan | None = None
+        self.files = self._read_footers()
+        self.units = [
+            _Unit(i, g, rows) for i, f in enumerate(self.files) for g, rows in enumerate(f.row_group_rows)
+        ]
+        self.num_rows = sum(u.num_rows for u in self.units)
+        self.start = start or DataPosition.fresh(0, self.num_rows)
 
-        fs, paths = _find_parquet(url, self.storage_options)
-        self.files = [_File(_display(url, fs, p), p) for p in paths]
+    def _read_footers(self) -> list[_File]:
+        fs, paths = _find_parquet(self.url, self.storage_options)
+        files = [_File(_display(self.url, fs, p), p) for p in paths]
 
         def footer(f: _File) -> None:
             with fs.open(f.path, "rb") as fobj:
@@ -517,58 +598,45 @@ class ParquetBatchReader(IterableDataset):
                 md = pf.metadata
                 f.row_group_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
-        if len(self.files) > 1:
-            with ThreadPoolExecutor(max_workers=min(16, len(self.files))) as pool:
-                list(pool.map(footer, self.files))
-        else:
-            footer(self.files[0])
-        self.units = [
-            _Unit(i, g, rows) for i, f in enumerate(self.files) for g, rows in enumerate(f.row_group_rows)
-        ]
-        self.num_rows = sum(u.num_rows for u in self.units)
-        self._check_enough_units(1)
+        with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+            list(pool.map(footer, files))
+        return files
 
     # ------------------------------------------------------------------------------------- planning
-    def _check_enough_units(self, num_workers: int) -> None:
-        readers = self.world_size * max(num_workers, 1)
-        if len(self.units) < readers:
-            raise DataError(
-                f"{self.url}: {len(self.units)} row group(s) in {len(self.files)} file(s) is fewer than "
-                f"ranks x workers = {self.world_size} x {max(num_workers, 1)} = {readers}, so some reader "
-                "would get no data; write more (smaller) row groups or use fewer ranks / workers"
-            )
+    def epoch_order(self, epoch: int) -> list[_Unit]:
+        """The row groups in `epoch`'s order (permuted per epoch with a shuffle seed)."""
+        if self.shuffle_seed is None:
+            return list(self.units)
+        order = np.random.default_rng(self.shuffle_seed + epoch).permutation(len(self.units))
+        return [self.units[i] for i in order]
 
-    def epoch_units(self, epoch: int, reader: int, num_readers: int) -> list[_Unit]:
-        """The units global reader `reader` of `num_readers` reads in `epoch`, in order."""
-        order: Sequence[int] = range(len(self.units))
-        if self.shuffle_seed is not None:
-            order = np.random.default_rng(self.shuffle_seed + epoch).permutation(len(self.units))
-        return [self.units[order[i]] for i in range(reader, len(self.units), num_readers)]
-
-    def _epoch_batches(self, units: Sequence[_Unit]) -> int:
-        rows = sum(u.num_rows for u in units)
-        return rows // self.batch_size if self.repeat else -(-rows // self.batch_size)
+    def lane_share(self, position: DataPosition, lane: int, lanes: int) -> tuple[list[tuple[int, int]], int]:
+        """Reader `lane` of `lanes`'s rows from `position` (intervals of the epoch's order) and its batch
+        count: one contiguous run of the position's rows each, so a reader reads few row groups. With
+        repeat every reader gets the same number of full batches; one pass splits every row."""
+        if self.repeat:
+            n = position.lane_batches(lanes, self.batch_size)
+            share = n * self.batch_size
+            return position.take(lane * share, (lane + 1) * share), n
+        lo, hi = lane * position.rows // lanes, (lane + 1) * position.rows // lanes
+        return position.take(lo, hi), -(-(hi - lo) // self.batch_size)
 
     def rank_rows(self, rank: int) -> int:
-        """Rows `rank` reads in one epoch (without DataLoader workers)."""
-        return sum(u.num_rows for u in self.epoch_units(0, rank, self.world_size))
+        """Rows `rank` reads in one pass (without DataLoader workers)."""
+        intervals, _ = self.lane_share(self.start, rank, self.world_size)
+        return sum(b - a for a, b in intervals)
 
     def padded_batches(self) -> int:
         """Batches every rank yields with `pad`: as many as the rank with the most rows needs."""
-        return max(
-            self._epoch_batches(self.epoch_units(0, r, self.world_size)) for r in range(self.world_size)
-        )
+        return max(self.lane_share(self.start, r, self.world_size)[1] for r in range(self.world_size))
 
     def worker_batch_counts(self, num_workers: int) -> list[float]:
         """Batches each of this rank's workers yields in total (inf with repeat)."""
         workers = max(num_workers, 1)
         if self.repeat:
             return [math.inf] * workers
-        readers = self.world_size * workers
-        return [
-            float(self._epoch_batches(self.epoch_units(0, self.rank * workers + w, readers)))
-            for w in range(workers)
-        ]
+        lanes = self.world_size * workers
+        return [float(self.lane_share(self.start, self.rank * workers + w, lanes)[1]) for w in range(workers)]
 
     # ------------------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[RecapBatch]:
@@ -584,7 +652,6 @@ class ParquetBatchReader(IterableDataset):
                 )
             worker = (worker + plan.rotation) % num_workers
             skip = plan.skips[worker]
-        self._check_enough_units(num_workers)
         if self.pad and info is not None:
             raise RuntimeError("a padded reader runs in the main process (num_workers=0)")
         stream = self._stream(self.rank * num_workers + worker, self.world_size * num_workers, skip)
@@ -607,28 +674,27 @@ class ParquetBatchReader(IterableDataset):
             count += 1
         for _ in range(count, self.padded_batches()):
             if last is None:
-                raise DataError(f"{self.url}: rank {self.rank} has only empty row groups, nothing to pad")
+                raise DataError(f"{self.url}: rank {self.rank} has no rows, nothing to pad")
             yield last.padding(self.batch_size)
 
-    def _stream(self, reader: int, num_readers: int, skip: int) -> Iterator[Columns]:
-        epoch = 0
+    def _stream(self, lane: int, lanes: int, skip: int) -> Iterator[Columns]:
+        position = self.start
         while True:
-            units = self.epoch_units(epoch, reader, num_readers)
-            n = self._epoch_batches(units)
-            if self.repeat and n == 0:
+            intervals, n = self.lane_share(position, lane, lanes)
+            if self.repeat and n == 0 and position.rows == self.num_rows:
                 raise DataError(
-                    f"{self.url}: reader {reader} of {num_readers} (rank x worker) gets "
-                    f"{sum(u.num_rows for u in units)} rows in epoch {epoch}, less than one batch of "
-                    f"{self.batch_size}; use more data, a smaller batch or fewer ranks / workers"
+                    f"{self.url}: {self.num_rows} rows give reader {lane} of {lanes} (rank x worker) less "
+                    f"than one batch of {self.batch_size}; use more data, a smaller batch or fewer ranks / "
+                    "workers"
                 )
             if skip >= n:
                 skip -= n
             else:
-                yield from self._read_epoch(units, skip * self.batch_size, epoch)
+                yield from self._read(position.epoch, intervals, skip * self.batch_size)
                 skip = 0
             if not self.repeat:
                 return
-            epoch += 1
+            position = DataPosition.fresh(position.epoch + 1, self.num_rows)
 
     def _read_row_group(self, pf: pq.ParquetFile, unit: _Unit, epoch: int) -> pa.Table:
         """One row group, its rows permuted when shuffling (seeded by seed, epoch and unit, so that a
@@ -639,26 +705,36 @@ class ParquetBatchReader(IterableDataset):
         rng = np.random.default_rng([self.shuffle_seed, epoch, unit.file, unit.row_group])
         return table.take(rng.permutation(table.num_rows))
 
-    def _read_epoch(self, units: Sequence[_Unit], skip_rows: int, epoch: int) -> Iterator[Columns]:
+    def _pieces(self, epoch: int, intervals: Sequence[tuple[int, int]]) -> Iterator[tuple[_Unit, int, int]]:
+        """(row group, first row, end row) pieces covering `intervals` of the epoch's order."""
+        order = self.epoch_order(epoch)
+        starts = np.concatenate([[0], np.cumsum([u.num_rows for u in order])])
+        for a, b in intervals:
+            i = int(np.searchsorted(starts, a, side="right")) - 1
+            while i < len(order) and starts[i] < b:
+                yield order[i], max(a, starts[i]) - starts[i], min(b, starts[i + 1]) - starts[i]
+                i += 1
+
+    def _read(self, epoch: int, intervals: Sequence[tuple[int, int]], skip_rows: int) -> Iterator[Columns]:
+        """Batches of the rows of `intervals` after the first `skip_rows` (skipped unread where whole)."""
         fs, _ = url_to_fs(self.url, self.storage_options)
         size = self.batch_size
         current: tuple[int, Any, pq.ParquetFile] | None = None
         pending: Columns | None = None
         try:
-            for unit in units:
-                if skip_rows >= unit.num_rows:  # footers say how many rows: skip unread
-                    skip_rows -= unit.num_rows
+            for unit, lo, hi in self._pieces(epoch, intervals):
+                if skip_rows >= hi - lo:
+                    skip_rows -= hi - lo
                     continue
+                lo, skip_rows = lo + skip_rows, 0
                 if current is None or current[0] != unit.file:
                     if current is not None:
                         current[1].close()
                     fobj = fs.open(self.files[unit.file].path, "rb")
                     current = (unit.file, fobj, pq.ParquetFile(fobj))
                 where = f"{self.files[unit.file].url} row group {unit.row_group}"
-                cols = _decode(self._read_row_group(current[2], unit, epoch), self.layout, where)
-                if skip_rows:
-                    cols = cols.slice(skip_rows, cols.num_rows)
-                    skip_rows = 0
+                table = self._read_row_group(current[2], unit, epoch).slice(lo, hi - lo)
+                cols = _decode(table, self.layout, where)
                 pending = cols if pending is None else Columns.concat([pending, cols])
                 start = 0
                 while pending.num_rows - start >= size:
@@ -672,6 +748,30 @@ class ParquetBatchReader(IterableDataset):
                 current[1].close()
         if not self.repeat and pending is not None and pending.num_rows:
             yield pending
+
+
+def _check_reader_args(
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    repeat: bool,
+    shuffle_seed: int | None,
+    skip_batches: int,
+    pad: bool,
+    start: DataPosition | None,
+) -> None:
+    if pad and (repeat or skip_batches):
+        raise ValueError("pad is for one pass from the start: it needs repeat=False and skip_batches=0")
+    if start is not None and not repeat:
+        raise ValueError("a start position is for the repeating training stream (repeat=True)")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if skip_batches < 0:
+        raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+    if shuffle_seed is not None and shuffle_seed < 0:
+        raise ValueError(f"shuffle_seed must be >= 0, got {shuffle_seed}")
 
 
 def plan_worker_skips(skip_batches: int, batch_counts: Sequence[float]) -> tuple[list[int], int]:
@@ -714,6 +814,7 @@ def make_dataloader(
     skip_batches: int = 0,
     shuffle_seed: int | None = None,
     pad: bool = False,
+    start: DataPosition | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> DataLoader:
     """A DataLoader over this rank's share of `url`, yielding RecapBatches of `batch_size` (per rank).
@@ -732,10 +833,10 @@ def make_dataloader(
         shuffle_seed=shuffle_seed,
         skip_batches=skip_batches if num_workers == 0 else 0,
         pad=pad,
+        start=start,
         storage_options=storage_options,
     )
     if num_workers > 0:
-        reader._check_enough_units(num_workers)
         skips, rotation = plan_worker_skips(skip_batches, reader.worker_batch_counts(num_workers))
         reader._worker_plan = _WorkerPlan(num_workers, skips, rotation)
     return DataLoader(

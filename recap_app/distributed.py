@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -53,8 +54,9 @@ def _restart_safe_store() -> dict[str, Any]:
     }
 
 
-def setup_distributed() -> Runtime:
-    """Join the torchrun job from its environment, or form a one-process group when run directly."""
+def setup_distributed(collective_timeout_s: float | None = None) -> Runtime:
+    """Join the torchrun job from its environment, or form a one-process group when run directly.
+    `collective_timeout_s` bounds every collective of both groups (gloo's and nccl's default is 30 min)."""
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
@@ -68,9 +70,10 @@ def setup_distributed() -> Runtime:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    timeout = timedelta(seconds=collective_timeout_s) if collective_timeout_s else None
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, **_restart_safe_store())
+        dist.init_process_group(backend=backend, timeout=timeout, **_restart_safe_store())
     # Async checkpoint saves run collectives from a background thread: they need a group of their own,
     # else they interleave with training's collectives on the default group and deadlock.
-    checkpoint_group = dist.new_group(backend="gloo")
+    checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
     return Runtime(device, dist.get_rank(), dist.get_world_size(), checkpoint_group)

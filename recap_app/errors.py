@@ -21,14 +21,19 @@ class InputError(Exception):
     every_rank = False
 
 
+class FaultError(Exception):
+    """The run's environment failed in a way recap recognises (a rank stopped or vanished); the message
+    names it, and a scheduler retry resumes from the last checkpoint."""
+
+
 @contextmanager
 def exit_on_input_error() -> Iterator[None]:
-    """Turn an InputError into `recap: error: <message>` and exit status 1 (under torchrun, on each rank
-    that meets it; on rank 0 alone for errors every rank meets)."""
+    """Turn an InputError or a FaultError into `recap: error: <message>` and exit status 1 (under
+    torchrun, on each rank that meets it; on rank 0 alone for errors every rank meets)."""
     try:
         yield
-    except InputError as e:
-        if e.every_rank and os.environ.get("RANK", "0") != "0":
+    except (InputError, FaultError) as e:
+        if getattr(e, "every_rank", False) and os.environ.get("RANK", "0") != "0":
             raise SystemExit(1) from None  # rank 0 says it once, not once per process
         raise SystemExit(f"recap: error: {e}") from None
 

@@ -20,7 +20,7 @@ from recap_app.errors import exit_on_input_error
 from recap_app.logs import log, setup_logging
 from recap_app.nonfinite import NonFiniteError, nonfinite_names
 from recap_app.ranker import RecapRanker
-from recap_app.storage import write
+from recap_app.storage import check_bucket, write
 
 
 def load_unsharded(
@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     with exit_on_input_error():
         config = load_config(args.config, args.overrides)
+        check_bucket(args.output, config.storage.options)  # before the work, not after it
         url = resolve_checkpoint(args.checkpoint, config.storage.options)
         ranker = load_unsharded(config, url, config.storage.options)
         bad = nonfinite_names(ranker.state_dict())

@@ -7,8 +7,11 @@ successful job. Its ``describe`` also lets the API's 404 escape for a job that n
 (after ``torchx cancel``, or once Kubernetes garbage-collects it), where the scheduler contract is to
 return ``None``, so the CLI prints a traceback instead of "does not exist".
 
-:class:`RecapKubernetesScheduler` changes only ``describe`` and ``list``; submission, dry runs, logs
-and cancel are torchx's. It is registered as the ``kubernetes`` scheduler in ``pyproject.toml``.
+:class:`RecapKubernetesScheduler` changes ``describe`` and ``list``, and adds one run option,
+``termination_grace_period_s`` (default 120): every pod's ``terminationGracePeriodSeconds``, the time
+between the SIGTERM of a pod deletion or eviction and its SIGKILL (Kubernetes' default is 30 s), so the
+trainer can agree on a step and save it (recap_app/preemption.py). Submission, logs and cancel are
+torchx's. It is registered as the ``kubernetes`` scheduler in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
-from torchx.schedulers.kubernetes_scheduler import JOB_STATE, TASK_STATE, KubernetesScheduler
-from torchx.specs import AppDef, AppState
+from torchx.schedulers.kubernetes_scheduler import JOB_STATE, TASK_STATE, KubernetesJob, KubernetesScheduler
+from torchx.specs import AppDef, AppDryRunInfo, AppState, runopts
 
 from recap_app.scheduler_compat import describe_response, require_images
 
@@ -27,6 +30,8 @@ VOLCANO_JOB_STATES: dict[str, AppState] = {
     "Completing": AppState.RUNNING,  # tasks done, Volcano still cleaning up: not terminal yet
 }
 
+# Pods' terminationGracePeriodSeconds: torchrun gives its workers 30 s after the SIGTERM; the rest is margin.
+DEFAULT_GRACE_S = 120
 _VOLCANO = {"group": "batch.volcano.sh", "version": "v1alpha1", "plural": "jobs"}
 
 
@@ -48,7 +53,25 @@ def parse_volcano_job(app_id: str, job: dict[str, Any]) -> DescribeAppResponse:
 
 
 class RecapKubernetesScheduler(KubernetesScheduler):
-    """torchx 0.7.0's ``kubernetes`` scheduler; status survives ``Completing`` and deleted jobs."""
+    """torchx 0.7.0's ``kubernetes`` scheduler; status survives ``Completing`` and deleted jobs, and pods
+    get a termination grace period long enough for a preemption checkpoint."""
+
+    def _run_opts(self) -> runopts:
+        opts = super()._run_opts()
+        opts.add(
+            "termination_grace_period_s",
+            type_=int,
+            default=DEFAULT_GRACE_S,
+            help="seconds between a pod's SIGTERM and its SIGKILL (recap saves the step it reached)",
+        )
+        return opts
+
+    def _submit_dryrun(self, app: AppDef, cfg: Any) -> AppDryRunInfo[KubernetesJob]:
+        info = super()._submit_dryrun(app, cfg)
+        grace = cfg.get("termination_grace_period_s", DEFAULT_GRACE_S)
+        for task in info.request.resource["spec"]["tasks"]:
+            task["template"].spec.termination_grace_period_seconds = grace
+        return info
 
     def _validate(self, app: AppDef, scheduler: str) -> None:
         require_images(app, scheduler)

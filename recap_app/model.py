@@ -26,6 +26,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan,
 from torchrec.streamable import Pipelineable
 
 from recap_app.logs import ALL_RANKS, log
+from recap_app.safe_pickle import UntrustedInputError
 from recap_app.storage import url_to_fs, write
 
 LossOutput = torch.Tensor | Mapping[str, torch.Tensor]
@@ -300,7 +301,16 @@ def load_embedding_table(
     url = _table_url(output_url, table_name)
     fs, path = url_to_fs(url, storage_options)
     with fs.open(path, "rb") as f:
-        return torch.from_numpy(np.load(io.BytesIO(f.read())))
+        data = io.BytesIO(f.read())
+    try:
+        return torch.from_numpy(np.load(data, allow_pickle=False))  # object arrays would unpickle
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise UntrustedInputError(
+            f"embedding table {url}: refused to unpickle it (pickled objects; embedding tables are plain "
+            "numeric .npy arrays)"
+        ) from None
 
 
 def embedding_weights(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:

@@ -139,6 +139,7 @@ class GuardedTrainPipeline(TrainPipelineSparseDist):
         self.skip = guard.policy == NonFinitePolicy.SKIP
         self.step = 0
         self.skipped_last = False
+        self.last_batch: Any = None  # the batch of the last step (for trainer callbacks)
         self.last_source = ""
         self._buffers: list[torch.Tensor] | None = None
 
@@ -148,7 +149,8 @@ class GuardedTrainPipeline(TrainPipelineSparseDist):
         return super().progress(dataloader_iter)
 
     def _backward(self, losses: torch.Tensor) -> None:
-        self.last_source = getattr(self.batches[0], "source", "")
+        self.last_batch = self.batches[0]
+        self.last_source = getattr(self.last_batch, "source", "")
         self.skipped_last = self.skip and self.guard.skip_decision(self.step, losses, self.last_source)
         if self.skipped_last:
             with torch.no_grad():

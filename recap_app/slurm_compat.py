@@ -7,9 +7,12 @@
 stopped by ``scancel`` or ``torchx cancel``. (Later torchx matches the state by prefix.) It also
 leaves ``num_restarts`` at -1 although its retries are ``scontrol requeue``\\ s that sacct records.
 
-:class:`RecapSlurmScheduler` changes only ``describe``: the state is read from the first word of
-``State``, and ``num_restarts`` counts the job's ``REQUEUED`` accounting records. Everything else
-(submission, ``--max_retries``, logs, cancel) is torchx's.
+:class:`RecapSlurmScheduler` changes ``describe``: the state is read from the first word of
+``State``, and ``num_restarts`` counts the job's ``REQUEUED`` accounting records. It adds one run option,
+``signal`` (default ``TERM@120``): every replica group asks Slurm for ``#SBATCH --signal=TERM@120``, a
+SIGTERM to the job steps two minutes before the time limit, so the trainer saves the step it reached
+(recap_app/preemption.py) and the requeue (``--max_retries``) resumes there instead of losing the work
+since the last periodic checkpoint. Everything else (submission, logs, cancel) is torchx's.
 
 To use it from the ``torchx`` CLI, register it in ``pyproject.toml``. A ``torchx.schedulers``
 entry-point group with any entry *replaces* torchx's builtin schedulers, so list the builtins
@@ -30,10 +33,13 @@ import subprocess
 from typing import Any
 
 from torchx.schedulers.api import DescribeAppResponse
-from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmScheduler
-from torchx.specs import AppState
+from torchx.schedulers.slurm_scheduler import SLURM_STATES, SlurmBatchRequest, SlurmScheduler
+from torchx.specs import AppDef, AppDryRunInfo, AppState, runopts
 
 from recap_app.scheduler_compat import describe_response
+
+# SIGTERM to the job steps 120 s before the time limit: time for the ranks to agree on a step and save it.
+DEFAULT_SIGNAL = "TERM@120"
 
 
 def slurm_state(state: str) -> AppState:
@@ -77,7 +83,27 @@ def count_requeues(app_id: str, sacct_duplicates: str) -> int:
 
 
 class RecapSlurmScheduler(SlurmScheduler):
-    """torchx 0.7.0's ``slurm`` scheduler; ``describe`` survives cancelled jobs and counts retries."""
+    """torchx 0.7.0's ``slurm`` scheduler; ``describe`` survives cancelled jobs and counts retries, and
+    jobs are signalled (SIGTERM) ahead of their time limit."""
+
+    def _run_opts(self) -> runopts:
+        opts = super()._run_opts()
+        opts.add(
+            "signal",
+            type_=str,
+            default=DEFAULT_SIGNAL,
+            help="sbatch --signal for every replica group: SIGTERM this many seconds before the time "
+            "limit, so recap checkpoints the step it reached ('' to leave it out)",
+        )
+        return opts
+
+    def _submit_dryrun(self, app: AppDef, cfg: Any) -> AppDryRunInfo[SlurmBatchRequest]:
+        info = super()._submit_dryrun(app, cfg)
+        signal = cfg.get("signal", DEFAULT_SIGNAL)
+        if signal:
+            for replica in info.request.replicas.values():
+                replica.sbatch_opts["signal"] = signal
+        return info
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
         out = _run(["sacct", "--parsable2", "-j", app_id])

@@ -55,19 +55,20 @@ def main(
         import torch.distributed as dist
 
         from recap_app.distributed import setup_distributed
+        from recap_app.preemption import PREEMPTED_EXIT_CODE
         from recap_app.trainer import Trainer
 
-        runtime = setup_distributed()
+        runtime = setup_distributed(config.training.collective_timeout_s)
         took = time.perf_counter() - start
         log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device} ({took:.1f} s)", rank=ALL_RANKS)
         try:
             trainer = Trainer(
                 config, runtime, callbacks=callbacks, checkpoint_writer_factory=checkpoint_writer_factory
             )
-            trainer.train()
+            summary = trainer.train()
         finally:
             dist.destroy_process_group()
-    return 0
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -9,35 +9,32 @@ components have acted) and `checkpoint_writer_factory` (see Checkpointer); tests
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from recap_app import data
 from recap_app.batch import RecapBatch
 from recap_app.builder import RANKER_PREFIX, build_training
-from recap_app.checkpoint import Checkpointer, ModuleState, WriterFactory
+from recap_app.checkpoint import Checkpointer, CheckpointMismatchError, ModuleState, WriterFactory
 from recap_app.config import RecapConfig
 from recap_app.distributed import Runtime
 from recap_app.embedding_logger import EmbeddingLogger
-from recap_app.errors import InputError
 from recap_app.evaluation import Validator, format_eval, one_pass_loader
 from recap_app.lease import OutputLease
 from recap_app.logs import log
 from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
 from recap_app.optimizers import learning_rate, set_learning_rate
+from recap_app.preemption import StepCoordinator, is_collective_failure, log_preempted
 from recap_app.run_record import append_run_record, config_summary
-from recap_app.storage import join
+from recap_app.storage import check_bucket, join
 from recap_app.synthetic_data import ensure_synthetic_data
-
-
-class ResumeMismatchError(InputError):
-    """The run under --output was trained with another world size or per-rank batch."""
-
-    every_rank = True
 
 
 class TrainerCallback(Protocol):
@@ -67,9 +64,11 @@ class Trainer:
         self.config, self.runtime, self.callbacks = config, runtime, list(callbacks)
         self.step = 0
         self.lr = 0.0
+        self.preempted: str | None = None
         self.per_rank_batch = config.data.per_rank_batch_size(runtime.world_size)
         tc = config.training
         log(config_summary(config))
+        check_bucket(tc.save_dir, config.storage.options)  # a missing bucket is an error, never created
         self.lease = OutputLease(
             tc.save_dir,
             timeout_s=tc.lease_timeout_s,
@@ -102,7 +101,12 @@ class Trainer:
             process_group=runtime.checkpoint_group,
             writer_factory=checkpoint_writer_factory,
         )
+        # Files listed and footers read once, before resuming: the row count sizes the data position.
+        self.train_loader = self._train_loader()
+        self.train_rows = self.train_loader.dataset.num_rows
+        self.data_start, self.start_step = data.DataPosition.fresh(0, self.train_rows), 0
         resumed = self.checkpointer.load()
+        self.train_loader.dataset.start = self.data_start  # read when the loader is iterated
         if runtime.rank == 0:
             append_run_record(
                 config,
@@ -131,27 +135,57 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------ train state
+    def data_position(self) -> data.DataPosition:
+        """Where the training stream stands now: the start position advanced by the steps trained since."""
+        workers = max(self.config.data.num_workers, 1)
+        return self.data_start.advance(
+            self.step - self.start_step,
+            lanes=self.runtime.world_size * workers,
+            workers=workers,
+            batch_size=self.per_rank_batch,
+            num_rows=self.train_rows,
+        )
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only, so loading it needs no unpickling of arbitrary objects."""
         return {
             "step": torch.tensor(self.step),
             "world_size": torch.tensor(self.runtime.world_size),
             "per_rank_batch_size": torch.tensor(self.per_rank_batch),
-            # The data position: every rank has consumed `step` batches of its own share.
-            "examples_seen": torch.tensor(self.step * self.config.data.global_batch_size),
+            "data_rows": torch.tensor(self.train_rows),
+            **self.data_position().to_tensors(),
         }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        saved = int(state["world_size"]), int(state["per_rank_batch_size"])
-        here = self.runtime.world_size, self.per_rank_batch
-        if saved != here:
-            raise ResumeMismatchError(
-                f"cannot resume {self.checkpointer.root}: trained with world size {saved[0]} and per-rank "
-                f"batch {saved[1]}, this run has world size {here[0]} and per-rank batch {here[1]} (its "
-                "data position would not be exact); use the same -j and data.global_batch_size, or a new "
-                "--output"
+        """Resume at the saved step and data position, on any world size and batch: the position is a
+        set of rows, dealt out again to this run's ranks (recap_app/data.py)."""
+        missing = sorted(
+            {"step", "world_size", "per_rank_batch_size", "data_rows", "data_epoch"} - set(state)
+        )
+        if missing:
+            raise CheckpointMismatchError(
+                f"checkpoint under {self.checkpointer.root} has no train_state {missing} (written by another "
+                "version of recap?); start a new --output or warm-start with checkpoint.initial_checkpoint"
             )
         self.step = int(state["step"])
+        saved = int(state["world_size"]), int(state["per_rank_batch_size"])
+        position = data.DataPosition.from_tensors(state)
+        if int(state["data_rows"]) != self.train_rows or any(
+            b > self.train_rows for _, b in position.segments
+        ):
+            log(
+                f"the training data changed since the checkpoint ({int(state['data_rows'])} rows, now "
+                f"{self.train_rows}): the data stream restarts at epoch {position.epoch + 1}",
+                level=logging.WARNING,
+            )
+            position = data.DataPosition.fresh(position.epoch + 1, self.train_rows)
+        elif saved != (self.runtime.world_size, self.per_rank_batch):
+            log(
+                f"resuming with world size {self.runtime.world_size} and per-rank batch "
+                f"{self.per_rank_batch} (saved with {saved[0]} and {saved[1]}): {position.rows} rows of "
+                f"epoch {position.epoch} left, dealt out to this run's ranks"
+            )
+        self.data_start, self.start_step = position, self.step
 
     # ----------------------------------------------------------------------------------------- build
     def _data_urls(self) -> tuple[str, str]:
@@ -165,9 +199,9 @@ class Trainer:
         root = join(self.config.training.save_dir, "data")
         return dc.train_url or join(root, "train"), dc.eval_url or join(root, "eval")
 
-    def _train_batches(self) -> Iterator[RecapBatch]:
-        """This rank's share of the training data, repeating, past the batches earlier runs trained on."""
-        loader = data.make_dataloader(
+    def _train_loader(self) -> DataLoader:
+        """This rank's share of the training data, repeating (from the reader's `start`)."""
+        return data.make_dataloader(
             self.train_url,
             self.config,
             self.per_rank_batch,
@@ -176,10 +210,8 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             repeat=True,
             shuffle_seed=self.config.training.seed,
-            skip_batches=self.step,
             storage_options=self.config.storage.options,
         )
-        return iter(loader)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -189,7 +221,7 @@ class Trainer:
             log(f"nothing to do: step {self.step} >= training.num_train_steps={total}")
             self.close()
             return {"step": self.step, "save_dir": self.config.training.save_dir}
-        batches = self._train_batches()
+        batches = iter(self.train_loader)
         self.metrics.start(self.step, total, self.per_rank_batch, rt.world_size)
         log(
             f"training steps {self.step}..{total} on {rt.world_size} rank(s), batch {self.per_rank_batch}"
@@ -198,21 +230,54 @@ class Trainer:
         )
         self.last_eval: dict[str, float] = {}
         self.model.train()
+        coordinator = StepCoordinator(rt.rank, rt.world_size)
+        coordinator.install()
         try:
-            while self.step < total:
-                self.train_step(batches)
-                self._components_act(last_step=self.step == total)
-                for callback in self.callbacks:
-                    callback.on_step_end(self)
+            self._loop(batches, coordinator)
         except BaseException as e:
             if isinstance(e, NonFiniteError):
                 self.checkpointer.wait()  # an earlier, finite checkpoint in flight still lands
             self.lease.release()  # this run writes no more (a kill -9 leaves it: see lease.py)
+            if is_collective_failure(e):
+                timeout = self.config.training.collective_timeout_s
+                raise coordinator.timeout_error(self.step, timeout, e) from None
             raise
+        finally:
+            coordinator.restore()
         self.close()
-        summary = {"step": self.step, "save_dir": self.config.training.save_dir, "eval": self.last_eval}
+        summary = {
+            "step": self.step,
+            "save_dir": self.config.training.save_dir,
+            "eval": self.last_eval,
+            "preempted": self.preempted,
+        }
         log(f"done: {json.dumps(summary, sort_keys=True)}")
         return summary
+
+    def _loop(self, batches: Iterator[RecapBatch], coordinator: StepCoordinator) -> None:
+        total = self.config.training.num_train_steps
+        while self.step < total:
+            if coordinator.should_stop(self.step):
+                self._preempt(coordinator)
+                return
+            self.train_step(batches)
+            self._components_act(last_step=self.step == total)
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+
+    def _preempt(self, coordinator: StepCoordinator) -> None:
+        """Every rank at the agreed step: a synchronous checkpoint of it, if there is time left."""
+        self.preempted = coordinator.signal_name or "a signal on another rank"
+        saved_in = None
+        if coordinator.seconds_since_signal() <= self.config.checkpoint.preemption_timeout_s:
+            self.guard.check()
+            self.guard.check_state(
+                self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            )
+            start = time.perf_counter()
+            self.checkpointer.save(self.step, last_step=True)
+            saved_in = time.perf_counter() - start
+        log_preempted(self.step, self.preempted, saved_in, coordinator.seconds_since_signal())
 
     def train_step(self, batches: Iterator[RecapBatch]) -> dict[str, torch.Tensor]:
         """One optimizer step on the next batch (the pipeline already holds the following ones); under

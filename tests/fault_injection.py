@@ -16,10 +16,14 @@ chosen by environment variables (nothing in recap_app reads them):
   can stop or start the object store right then.
 - ``FAULT_PAUSE_IN_SAVE_STEPS=S1,..`` (+ ``FAULT_PAUSE_DIR``): the same (``in-save-Si``) inside the save,
   once this rank's shard is written and before ``.metadata`` is: the store can go away mid-save.
+
+Not a fault but an observer: ``RECORD_ROWS_DIR=DIR`` makes every rank append, after each step, one line
+per example it trained on (a digest of the example's continuous features) to ``DIR/rank-R-pid-P.txt``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -100,5 +104,19 @@ def faulty_writer(url: str, step: int, storage_options: dict | None = None) -> S
     return writer
 
 
+class RecordRows:
+    """Trainer callback: the examples each step trained on, for exactly-once checks across resumes."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        folder = os.environ.get("RECORD_ROWS_DIR")
+        if not folder:
+            return
+        rows = trainer.pipeline.last_batch.continuous_features.cpu().numpy()
+        digests = "".join(hashlib.sha1(row.tobytes()).hexdigest() + "\n" for row in rows)
+        with open(Path(folder) / f"rank-{current_rank()}-pid-{os.getpid()}.txt", "a") as f:
+            f.write(digests)
+
+
 if __name__ == "__main__":
-    sys.exit(train.main(callbacks=[KillAtStep()], checkpoint_writer_factory=faulty_writer))
+    callbacks = [KillAtStep(), RecordRows()]
+    sys.exit(train.main(callbacks=callbacks, checkpoint_writer_factory=faulty_writer))

@@ -39,7 +39,7 @@ def test_train_single_node_1x2() -> None:
     (role,) = app.roles
     assert (role.num_replicas, role.min_replicas, role.max_retries) == (1, 1, 3)
     cmd = _command(app)
-    assert cmd[:2] == ["-m", "torch.distributed.run"]
+    assert cmd[:2] == ["-m", "recap_app.launch"]  # torchrun, quiet on signals
     assert _flag(cmd, "--nnodes") == "1"
     assert _flag(cmd, "--nproc_per_node") == "2"
     assert _flag(cmd, "--rdzv_endpoint") == "localhost:0"  # one node: torchrun picks a free port

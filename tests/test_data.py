@@ -297,12 +297,18 @@ def test_bad_labels_and_weights_are_named(config, tmp_path, column, values, mess
         list(data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False))
 
 
-def test_no_files_and_too_few_row_groups_are_clear(config, tmp_path, dataset):
+def test_no_files_and_too_little_data_are_clear(config, tmp_path, dataset):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         data.ParquetBatchReader(str(tmp_path / "nothing-here"), config, 8, 0, 1, repeat=True)
-    one_file = data.list_parquet_files(dataset)[0]  # 11 row groups
-    with pytest.raises(ValueError, match=r"11 row group\(s\).*fewer than ranks x workers = 4 x 3"):
-        data.make_dataloader(one_file, config, 8, 0, 4, num_workers=3)
+    one_file = data.list_parquet_files(dataset)[0]  # 11 row groups, 667 rows
+    # fewer row groups than readers is fine: each reader takes a run of rows, not whole row groups
+    loaders = [data.make_dataloader(one_file, config, 8, r, 4, num_workers=3, repeat=False) for r in range(4)]
+    seen = [k for loader in loaders for b in loader for k in row_keys(b)]
+    assert sorted(seen) == sorted(all_rows(one_file, config))
+    with pytest.raises(
+        data.DataError, match=r"667 rows give reader 0 of 12 \(rank x worker\) less than one batch"
+    ):
+        next(iter(data.ParquetBatchReader(one_file, config, 64, 0, 12, repeat=True)))
 
 
 # --------------------------------------------------------------------------------------------- listing
@@ -344,19 +350,20 @@ def test_two_ranks_two_workers_read_every_row_once(config, dataset):
 
 
 def test_repeat_epochs_cover_each_reader_share_once_per_epoch(config, dataset):
-    """Each of the 4 readers (2 ranks x 2 workers) streams its epochs back to back; within an epoch no
-    row is read twice across readers and only the readers' last partial batches are dropped."""
+    """Each of the 4 readers (2 ranks x 2 workers) streams its epochs back to back with the same number of
+    full batches; within an epoch no row is read twice across readers and fewer than 4 x 32 are left."""
     reader = data.ParquetBatchReader(dataset, config, 32, 0, 1, repeat=True, shuffle_seed=5)
+    n = reader.start.lane_batches(4, 32)
+    assert n == 2000 // (4 * 32)
     epochs: list[list[bytes]] = [[], [], []]
     for g in range(4):
         stream = reader._stream(g, 4, 0)
-        for epoch, keys in enumerate(epochs):
-            n = sum(u.num_rows for u in reader.epoch_units(epoch, g, 4)) // 32
+        for keys in epochs:
             batches = [c.to_batch(reader.layout.features) for c in itertools.islice(stream, n)]
             assert len(batches) == n and all(b.batch_size == 32 for b in batches)
             keys.extend(k for b in batches for k in row_keys(b))
     for keys in epochs:
-        assert len(keys) == len(set(keys)) > 2000 - 4 * 32
+        assert len(keys) == len(set(keys)) == 4 * n * 32 > 2000 - 4 * 32
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled per epoch
 
 
@@ -441,8 +448,9 @@ def test_skip_batches_equals_reading_and_discarding(config, dataset, repeat):
 
 def test_make_dataloader_resumes_the_combined_stream_of_workers(config, dataset):
     def loader(skip: int, repeat: bool):
+        # rank 1 of 3 with 2 workers: runs of 334 and 333 rows, 10 and 9 batches of 37
         return data.make_dataloader(
-            dataset, config, 40, 0, 2, num_workers=2, repeat=repeat, skip_batches=skip
+            dataset, config, 37, 1, 3, num_workers=2, repeat=repeat, skip_batches=skip
         )
 
     full = [fingerprint(b) for b in loader(0, False)]
@@ -454,6 +462,42 @@ def test_make_dataloader_resumes_the_combined_stream_of_workers(config, dataset)
         assert [fingerprint(b) for b in loader(skip, False)] == full[skip:]
     endless = [fingerprint(b) for b in itertools.islice(loader(0, True), 20)]
     assert [fingerprint(b) for b in itertools.islice(loader(7, True), 13)] == endless[7:]
+
+
+def test_resume_on_other_world_sizes_trains_every_example_of_the_epoch_once(config, dataset):
+    """The DataPosition carries the epoch's untrained rows across world sizes: 7 steps on 2 ranks, 5 on
+    4 ranks x 2 workers, the rest of the epoch on 1 rank (global batch 100 each time) train each of the
+    2000 rows exactly once; the next batch is the next epoch's."""
+    seed, n = 11, 2000
+
+    def steps(start, world, workers, batch, count):
+        def loader(rank):
+            return data.make_dataloader(
+                dataset, config, batch, rank, world, num_workers=workers, shuffle_seed=seed, start=start
+            )
+
+        loaders = [iter(loader(r)) for r in range(world)]
+        return [k for _ in range(count) for loader in loaders for k in row_keys(next(loader))]
+
+    start = data.ParquetBatchReader(dataset, config, 50, 0, 1, repeat=True).start
+    assert start == data.DataPosition(0, ((0, n),))
+    seen = steps(start, 2, 0, 50, 7)
+    after_2 = start.advance(7, lanes=2, workers=1, batch_size=50, num_rows=n)
+    assert after_2.rows == n - 700 and after_2.epoch == 0
+    seen += steps(after_2, 4, 2, 25, 5)
+    after_4 = after_2.advance(5, lanes=8, workers=2, batch_size=25, num_rows=n)
+    assert after_4.rows == n - 1200
+    left = after_4.lane_batches(1, 100)
+    assert left == 8
+    seen += steps(after_4, 1, 0, 100, left)
+    assert len(seen) == len(set(seen)) == n
+    after_1 = after_4.advance(left, lanes=1, workers=1, batch_size=100, num_rows=n)
+    assert after_1 == data.DataPosition(1, ((0, n),))
+    assert data.DataPosition.from_tensors(after_2.to_tensors()) == after_2
+    next_epoch = data.ParquetBatchReader(dataset, config, 100, 0, 1, repeat=True, shuffle_seed=seed)
+    assert steps(after_4, 1, 0, 100, left + 1)[-100:] == [
+        k for b in itertools.islice(next_epoch, n // 100, n // 100 + 1) for k in row_keys(b)
+    ]
 
 
 def test_plan_worker_skips_replays_round_robin():

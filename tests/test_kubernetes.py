@@ -144,8 +144,8 @@ def run_container_command(container: dict[str, Any], extra_env: dict[str, str], 
 
 
 def split_torchrun(argv: list[str]) -> tuple[dict[str, str], str, list[str]]:
-    """`-m torch.distributed.run --opt value ... -m module args...` -> (options, module, args)."""
-    assert argv[:2] == ["-m", "torch.distributed.run"], argv
+    """`-m recap_app.launch (torchrun) --opt value ... -m module args...` -> (options, module, args)."""
+    assert argv[:2] == ["-m", "recap_app.launch"], argv
     rest = argv[2:]
     end = rest.index("-m")
     opts, i = {}, 0
@@ -230,6 +230,8 @@ def test_dryrun_builds_volcano_job(dryrun: dict[str, Any]) -> None:
         assert task["replicas"] == 1 and task["minAvailable"] == 1 and task["maxRetry"] == 2
         pod = task["template"]
         assert pod["spec"]["restartPolicy"] == "Never"
+        # time after a pod's SIGTERM for the trainer's preemption checkpoint (recap_app/kubernetes_compat.py)
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 120
         assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == name
         # The svc plugin makes the pod's hostname `<job>-<task>-0`: it must be a DNS-1123 label.
         assert DNS1123_LABEL.fullmatch(f"{name}-{task['name']}-0")

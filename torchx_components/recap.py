@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 from torchx import specs
 from torchx.components.dist import _TORCH_DEBUG_FLAGS, parse_nnodes
 from torchx.specs import builders, file_linter, macros
+from torchx.specs.finder import ComponentValidationException
 
 from recap_app.errors import SubmitError
 
@@ -83,6 +84,27 @@ def _job_path(option: str, url: str, image: str, mounts: Optional[List[str]], *,
     )
 
 
+def _refuse_secrets(overrides: List[str], env: Optional[Dict[str, str]], urls: List[str]) -> None:
+    """Refuse credentials before the AppDef exists: its args and env are printed by `--dryrun` and land
+    in sbatch scripts and Volcano Job specs. TorchX prints the message alone (ComponentValidationException);
+    the value never appears in it. Jobs inherit the submitting environment (local_cwd, Slurm) or use a
+    pod identity (Kubernetes), so credentials never need to be passed here."""
+    from recap_app.config import SECRET_HINT, ConfigError, refuse_secret_override
+    from recap_app.storage import has_secret_value, is_secret_key
+
+    for override in overrides:
+        try:
+            refuse_secret_override(override)
+        except ConfigError as e:
+            raise ComponentValidationException(f"recap: error: {e}") from None
+    for name in env or {}:
+        if is_secret_key(name):
+            raise ComponentValidationException(f"recap: error: --env {name}=...: {SECRET_HINT}")
+    for url in urls:
+        if has_secret_value(url):
+            raise ComponentValidationException(f"recap: error: a URL holds a credential: {SECRET_HINT}")
+
+
 def torchrun_role(
     name: str,
     module: str,
@@ -100,7 +122,7 @@ def torchrun_role(
     mounts: Optional[List[str]] = None,
     debug: bool = False,
 ) -> specs.Role:
-    """One role of N replicas, each running `python -m torch.distributed.run ... -m MODULE ARGS` with P
+    """One role of N replicas, each running `python -m recap_app.launch ... -m MODULE ARGS` (torchrun) with P
     processes (torchx's dist.ddp recipe plus torchrun restarts = max_retries). Public for components
     that run a program wrapping recap's mains (e.g. `recap_app.train.main` with callbacks)."""
     min_nnodes, max_nnodes, nproc_per_node, nnodes_rep = parse_nnodes(j)
@@ -123,7 +145,7 @@ def torchrun_role(
     if debug:
         role_env.update(_TORCH_DEBUG_FLAGS)
     torchrun = [
-        "-m", "torch.distributed.run",
+        "-m", "recap_app.launch",
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", rdzv_endpoint,
         "--rdzv_id", macros.app_id,
@@ -188,6 +210,7 @@ def train(
         mounts: mounts, e.g. type=bind,src=/data,dst=/data[,readonly]
         debug: enable torch.distributed debug flags
     """
+    _refuse_secrets(list(overrides), env, [config, output])
     output = _job_path("output", output, image, mounts, output=True)
     args = ["--config", config, "--output", output, *overrides]
     role = torchrun_role(
@@ -236,6 +259,7 @@ def evaluate(
         mounts: mounts, e.g. type=bind,src=/data,dst=/data
         num_batches: at most this many batches per rank (0: the whole dataset, every example once)
     """
+    _refuse_secrets(list(overrides), env, [config, checkpoint, data, output])
     checkpoint = _job_path("checkpoint", checkpoint, image, mounts, output=False)
     data = _job_path("data", data, image, mounts, output=False)
     output = _job_path("output", output, image, mounts, output=True)
@@ -281,6 +305,7 @@ def generate_data(
         env: extra environment
         mounts: mounts, e.g. type=bind,src=/data,dst=/data
     """
+    _refuse_secrets(list(overrides), env, [config, output])
     args = [
         "-m", "recap_app.cli", "generate-data", "--output",
         _job_path("output", output, image, mounts, output=True), "--config", config,

@@ -1,6 +1,8 @@
 """`torchx run -s slurm recap.train` on the real Slurm cluster: the same command as locally."""
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +55,51 @@ def test_recap_train_on_slurm(slurm_cluster, j):
         assert (output / "checkpoints/step-30/.metadata").exists()
         log = slurm_cluster.torchx("log", "--streams", "stderr", again.handle, cwd=wd, timeout=60)
         assert "at step 20" in log.stdout, log.stdout[-3000:]
+
+
+@pytest.mark.timeout(900)
+def test_scancel_signal_term_saves_the_step_and_the_requeue_resumes(slurm_cluster):
+    """`scancel --signal=TERM` (what a preemption or the time limit's --signal sends) mid-run, with
+    `--max_retries 1`: the ranks save the step they reached and exit 143, TorchX's batch script requeues
+    the job, and the requeued job resumes at that step by itself and ends SUCCEEDED."""
+    wd = slurm_cluster.workdir("recap-train-preempted")
+    output = wd / "run"
+    steps = ["training.num_train_steps=600", "checkpoint.every_n=1000", "training.log_every_n=20",
+             "eval.every_n=0", "eval.num_batches=2", "embedding_log.every_n=0"]  # fmt: skip
+    done: dict = {}
+    steps_at = ["--max_retries", "1"]  # a component option: before `--`
+    thread = threading.Thread(
+        target=lambda: done.update(
+            run=slurm_cluster.torchx_run(
+                "recap.train", "-j", "1x2", "--cpu", "1", "--memMB", "2048", *steps_at,
+                "--rdzv_port", str(slurm_cluster.free_port()), "--output", str(output), "--", *steps,
+                cwd=wd, timeout=600,
+            )
+        )
+    )  # fmt: skip
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not _metric_steps(output) or max(_metric_steps(output)) < 60:
+        assert thread.is_alive() and time.monotonic() < deadline, done.get("run") and done["run"].diagnose()
+        time.sleep(0.5)
+    (job_id,) = {line.split("+")[0] for line in slurm_cluster.sh("squeue", "-h", "-o", "%i").stdout.split()}
+    signalled = slurm_cluster.sh("scancel", "--signal=TERM", job_id)
+    assert signalled.returncode == 0, signalled.stderr
+    thread.join(timeout=600)
+    run = done["run"]
+    assert run.state == "SUCCEEDED", run.diagnose()
+    starts = [json.loads(line) for line in (output / "runs.jsonl").read_text().splitlines()]
+    assert [s["resumed"] for s in starts] == [False, True], starts
+    stopped = starts[1]["start_step"]
+    assert stopped >= 60  # the step reached when the signal came, saved then: nothing lost
+    assert (output / f"checkpoints/step-{stopped}/.metadata").exists()
+    assert (output / "checkpoints/step-600/.metadata").exists()
+    status = slurm_cluster.torchx("status", run.handle, cwd=wd)
+    assert "Num Restarts: 1" in status.stdout, status.stdout
+
+
+def _metric_steps(output: Path) -> list[int]:
+    path = output / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
