@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -18,6 +18,10 @@ class RecapBatch(Pipelineable):
     weights: torch.Tensor  # [B, num_tasks] float32
     # Where the rows came from ("<file> row group <i>; ..."), for errors about this batch.
     source: str = ""
+    # model.dense_embeddings inputs by name, each [B, dim] float32 (TwHIN vectors).
+    dense_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Unreadable row groups the reader stood in for since its previous batch (data.on_corrupt=skip).
+    corrupt_units: tuple[int, ...] = ()
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RecapBatch:
         return RecapBatch(
@@ -27,10 +31,16 @@ class RecapBatch(Pipelineable):
             labels=self.labels.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
             source=self.source,
+            dense_embeddings={
+                k: v.to(device, non_blocking=non_blocking) for k, v in self.dense_embeddings.items()
+            },
+            corrupt_units=self.corrupt_units,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         for t in (self.continuous_features, self.binary_features, self.labels, self.weights):
+            t.record_stream(stream)
+        for t in self.dense_embeddings.values():
             t.record_stream(stream)
         self.sparse_features.record_stream(stream)
 
@@ -42,6 +52,8 @@ class RecapBatch(Pipelineable):
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
             source=self.source,
+            dense_embeddings={k: v.pin_memory() for k, v in self.dense_embeddings.items()},
+            corrupt_units=self.corrupt_units,
         )
 
     @property

@@ -10,16 +10,25 @@ Storage failure policy (e.g. the object store goes away mid-save): DCP reports a
 rank, so every rank takes the same branch. A periodic save that fails is logged with its URL and
 training goes on from the last complete checkpoint, which stays intact; after `max_consecutive_failures`
 failed periodic saves in a row the job fails. The final save is retried `final_attempts` times with
-backoff, then the job fails (non-zero exit), so a scheduler retry resumes from the last complete step.
+backoff, then the job fails (non-zero exit), so a scheduler retry resumes from the last complete step;
+when the cause is a storage one recap can name (no space left, read-only, permissions, unreachable) that
+is one line, `CheckpointStorageError`.
+
+A complete step that cannot be read on resume (truncated shard or `.metadata`) is named with its file
+(`CheckpointCorruptError`); `checkpoint.on_corrupt=fallback` moves it to `step-N.corrupt` and resumes from
+the next older complete step (Checkpointer.load).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import pickle
 import re
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -27,13 +36,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.storage import StorageWriter
 
-from recap_app.config import CheckpointConfig
+from recap_app.config import CheckpointConfig, CorruptCheckpointPolicy
 from recap_app.errors import InputError
 from recap_app.logs import log
 from recap_app.safe_pickle import (
@@ -42,7 +52,7 @@ from recap_app.safe_pickle import (
     UntrustedInputError,
     restricted_load,
 )
-from recap_app.storage import exists, has_scheme, join, url_to_fs
+from recap_app.storage import describe_error, errors_named, exists, has_scheme, join, storage_cause, url_to_fs
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 METADATA = ".metadata"
@@ -57,6 +67,11 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (storage unreachable, permissions, ...); names the URL."""
 
 
+class CheckpointStorageError(CheckpointSaveError, InputError):
+    """A save failed for a storage cause recap can name in words (no space left, read-only, permission
+    denied, unreachable): the job ends with that one line instead of a traceback."""
+
+
 class CheckpointMismatchError(InputError, ValueError):
     """The checkpoint's keys or shapes do not match the model built from the config."""
 
@@ -69,17 +84,32 @@ class CheckpointUntrustedError(UntrustedInputError):
     """Loading the checkpoint would unpickle an arbitrary object (run code); refused, nothing was run."""
 
 
+class CheckpointCorruptError(InputError):
+    """A complete checkpoint (its `.metadata` exists) holds a file that cannot be read (truncated,
+    overwritten); the message names the file."""
+
+
+CORRUPT_SUFFIX = ".corrupt"
+# What reading damaged checkpoint bytes raises (torch.load of a truncated shard: EOFError or
+# "PytorchStreamReader failed ..." RuntimeError; a missing shard: FileNotFoundError). Storage failures
+# are told apart first (describe_error); anything else (a bug) keeps its traceback.
+_CORRUPT_READ = (EOFError, pickle.UnpicklingError, RuntimeError, ValueError, OSError, zipfile.BadZipFile)
+
+
 def step_url(root: str, step: int) -> str:
     return join(root, f"step-{step}")
 
 
 def list_steps(root: str, storage_options: Mapping[str, Any] | None = None) -> tuple[list[int], list[int]]:
-    """(complete steps, partial steps) under root, each sorted ascending."""
-    fs, path = url_to_fs(root, storage_options)
-    if not fs.exists(path):
-        return [], []
+    """(complete steps, partial steps) under root, each sorted ascending. Only `step-N` folders count:
+    `step-N.corrupt` (a quarantined checkpoint, see Checkpointer.load) is neither."""
+    with errors_named(root, "list checkpoints under"):
+        fs, path = url_to_fs(root, storage_options)
+        if not fs.exists(path):
+            return [], []
+        entries = fs.ls(path, detail=False)
     complete, partial = [], []
-    for entry in fs.ls(path, detail=False):
+    for entry in entries:
         m = _STEP_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
         if not m:
             continue
@@ -157,14 +187,36 @@ class _SafeReader(FsspecReader):
             return self._metadata
         path = self._get_metadata_path(rank)
         name = join(self.url, str(path).rsplit("/", 1)[-1])
-        with self.fs.create_stream(path, "rb") as f:
-            md = read_checkpoint_metadata(f.read(), name)
+        with errors_named(name, "read"), self.fs.create_stream(path, "rb") as f:
+            raw = f.read()
+        md = read_checkpoint_metadata(raw, name)
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
         if rank is None:
             self._metadata = md
         return md
+
+    def read_data(self, plan: LoadPlan, planner: Any) -> torch.futures.Future:
+        """DCP's read, one shard file at a time, so that a failure names its file: a truncated or
+        overwritten shard raises CheckpointCorruptError, a storage failure a StorageError."""
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for relative_path, items in per_file.items():
+            name = join(self.url, relative_path)
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            except InputError:
+                raise
+            except _CORRUPT_READ as e:
+                described = describe_error(name, e, "read")
+                if described is not None:
+                    raise described from e
+                raise CheckpointCorruptError(f"checkpoint {name}: cannot be read ({_one_line(e)})") from e
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(None)
+        return fut
 
 
 def read_checkpoint_metadata(data: bytes, name: str) -> Metadata:
@@ -176,6 +228,8 @@ def read_checkpoint_metadata(data: bytes, name: str) -> Metadata:
         raise CheckpointUntrustedError(
             f"checkpoint {name}: refused to unpickle {e.module}.{e.name} (not a checkpoint metadata type)"
         ) from None
+    except Exception as e:  # truncated or overwritten: the bytes are all here, they do not unpickle
+        raise CheckpointCorruptError(f"checkpoint {name}: cannot be read ({_one_line(e)})") from e
     if not isinstance(md, Metadata):
         raise CheckpointUntrustedError(f"checkpoint {name}: holds a {type(md).__name__}, not DCP metadata")
     return md
@@ -338,6 +392,11 @@ class Checkpointer:
                 if fatal
                 else f"{self.consecutive_failures} periodic saves in a row"
             )
+            cause = storage_cause(error)
+            if cause is not None:
+                raise CheckpointStorageError(
+                    f"checkpoint save to {url} failed ({how}): {cause} [{_brief(error)}]"
+                ) from error
             raise CheckpointSaveError(f"checkpoint save to {url} failed ({how}): {_brief(error)}") from error
         log(
             f"checkpoint save to {url} failed ({self.consecutive_failures}/{limit} in a row); "
@@ -383,31 +442,99 @@ class Checkpointer:
 
     def load(self) -> bool:
         """Resume every part from the newest complete step (True), else warm-start the model from
-        `initial_checkpoint` when one is configured (False: optimizers and step stay fresh)."""
+        `initial_checkpoint` when one is configured (False: optimizers and step stay fresh).
+
+        A complete step that cannot be read (checkpoint.on_corrupt): `fail` stops naming the step and
+        file; `fallback` (default) moves it aside to `step-N.corrupt` (kept; list_steps ignores it) and
+        tries the next older complete step. Every rank takes the same branch (a collective decision)."""
         step = self.latest_step()
-        if step is not None:
-            url = step_url(self.root, step)
-            for part in self.states.values():
-                if hasattr(part, "init_state"):
-                    part.init_state()  # optimizer state is lazy; DCP loads in place
-            # The train state first (its tensors shaped as saved: the data position varies in size),
-            # so it can refuse a resume before the rest is read.
-            state = {"train_state": self._saved_tensors(url, "train_state")}
-            load_checkpoint(url, state, self.storage_options, self.process_group)
-            self.states["train_state"].load_state_dict(state["train_state"])
-            names = [n for n in self.states if n != "train_state"]
-            state = self._state_dict(names)
-            load_checkpoint(url, state, self.storage_options, self.process_group)
-            for name in names:
-                self.states[name].load_state_dict(state[name])
-            log(f"resumed from {url} at step {step}")
-            return True
+        while step is not None:
+            error = self._try_resume(step)
+            if error is None:
+                return True
+            step = self._fall_back(step, error)
         if self.cfg.initial_checkpoint:
             load_model_weights(
                 self.states["model"], self.cfg.initial_checkpoint, self.storage_options, self.process_group
             )
             log(f"warm start: model weights from {self.cfg.initial_checkpoint} (optimizer and step fresh)")
         return False
+
+    def _try_resume(self, step: int) -> CheckpointCorruptError | None:
+        """Resume from `step`: None when done, else why it is corrupt, on every rank alike (DCP already
+        reports any rank's failed read to all; the all-reduce makes it a decision all ranks share)."""
+        url = step_url(self.root, step)
+        error: CheckpointCorruptError | None = None
+        try:
+            self._resume(url, step)
+        except CheckpointCorruptError as e:
+            error = e
+        if _agree_any(error is not None, self.process_group):
+            return error or CheckpointCorruptError(f"checkpoint {url}: another rank could not read it")
+        return None
+
+    def _resume(self, url: str, step: int) -> None:
+        for part in self.states.values():
+            if hasattr(part, "init_state"):
+                part.init_state()  # optimizer state is lazy; DCP loads in place
+        # The train state first (its tensors shaped as saved: the data position varies in size),
+        # so it can refuse a resume before the rest is read.
+        state = {"train_state": self._saved_tensors(url, "train_state")}
+        load_checkpoint(url, state, self.storage_options, self.process_group)
+        self.states["train_state"].load_state_dict(state["train_state"])
+        names = [n for n in self.states if n != "train_state"]
+        state = self._state_dict(names)
+        load_checkpoint(url, state, self.storage_options, self.process_group)
+        for name in names:
+            self.states[name].load_state_dict(state[name])
+        log(f"resumed from {url} at step {step}")
+
+    def _fall_back(self, step: int, error: CheckpointCorruptError) -> int | None:
+        """checkpoint.on_corrupt for an unreadable complete `step`: raise, or move it aside (rank 0)
+        and return the next older complete step (None: none left, the run starts fresh)."""
+        if self.cfg.on_corrupt == CorruptCheckpointPolicy.FAIL:
+            raise CheckpointCorruptError(
+                f"{error}; step-{step} is corrupt: move it away to resume from the previous step, or set "
+                "checkpoint.on_corrupt=fallback"
+            )
+        failed = None
+        if _rank() == 0:
+            try:
+                moved = self._quarantine(step)
+                log(
+                    f"CORRUPT CHECKPOINT: {error}; moved step-{step} to {moved} (kept for inspection), "
+                    "resuming from the newest readable complete step",
+                    level=logging.ERROR,
+                )
+            except Exception as e:
+                failed = e
+        if _agree_any(failed is not None, self.process_group):
+            raise CheckpointCorruptError(
+                f"{error}; moving step-{step} aside failed ({_one_line(failed) if failed else 'on rank 0'}): "
+                "move it away by hand to resume from the previous step"
+            )
+        older = [s for s in list_steps(self.root, self.storage_options)[0] if s < step]
+        return older[-1] if older else None
+
+    def _quarantine(self, step: int) -> str:
+        """Move step-N to step-N.corrupt (another suffix if taken). A rename where there are folders;
+        object stores have none: every file is copied, then `.metadata` deleted first (from then on
+        the step is incomplete, so a crash midway leaves nothing resumable), then the rest."""
+        src = step_url(self.root, step)
+        dst = src + CORRUPT_SUFFIX
+        fs, src_path = url_to_fs(src, self.storage_options)
+        if fs.exists(url_to_fs(dst, self.storage_options)[1]):
+            dst = f"{dst}-{int(time.time())}"
+        _, dst_path = url_to_fs(dst, self.storage_options)
+        with errors_named(src, f"move to {dst}"):
+            if isinstance(fs, LocalFileSystem):
+                fs.mv(src_path, dst_path, recursive=True)
+                return dst
+            for path in fs.find(src_path):
+                fs.copy(path, dst_path + path[len(src_path.rstrip("/")) :])
+            fs.rm(f"{src_path.rstrip('/')}/{METADATA}")
+            fs.rm(src_path, recursive=True)
+        return dst
 
     def _saved_tensors(self, url: str, part: str) -> dict[str, torch.Tensor]:
         """Empty tensors shaped like the checkpoint's `part.*` entries (which must all be tensors)."""
@@ -473,13 +600,23 @@ def load_model_weights(
 
 
 def _raise_if_untrusted(error: BaseException) -> None:
-    """Re-raise a refusal by the planner: DCP wraps every rank's failure into one CheckpointException."""
-    if isinstance(error, CheckpointUntrustedError):
+    """Re-raise a refusal by the planner, a corrupt file or a storage failure (named by _SafeReader):
+    DCP wraps every rank's failure into one CheckpointException, a traceback per rank."""
+    if isinstance(error, InputError):
         raise error
     if isinstance(error, dcp.CheckpointException):
-        for exc, _ in error.failures.values():
-            if isinstance(exc, CheckpointUntrustedError):
-                raise exc from None
+        failures = [exc for exc, _ in error.failures.values()]
+        for kind in (CheckpointUntrustedError, CheckpointCorruptError, InputError):
+            for exc in failures:
+                if isinstance(exc, kind):
+                    raise exc from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(str(error).split()))
+    if not text and isinstance(error, EOFError):
+        text = "the file ends early (truncated)"
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
 def _mismatch_head(url: str, error: BaseException) -> str:
@@ -540,3 +677,12 @@ def resolve_checkpoint(url: str, storage_options: Mapping[str, Any] | None = Non
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _agree_any(flag: bool, group: dist.ProcessGroup | None) -> bool:
+    """Collective: whether `flag` is set on any rank (CPU tensor: the checkpoint group is gloo)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())

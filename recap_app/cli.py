@@ -1,4 +1,4 @@
-"""`recap` console script: train | evaluate | generate-data | export | summary."""
+"""`recap` console script: train | evaluate | generate-data | export | summary | import-config."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def _commands() -> dict[str, Callable[[Sequence[str]], int]]:
 
         return main(argv)
 
+    def import_config(argv: Sequence[str]) -> int:
+        from recap_app.import_config import main
+
+        return main(argv)
+
     def summary(argv: Sequence[str]) -> int:
         from recap_app.summary import main
 
@@ -39,6 +44,7 @@ def _commands() -> dict[str, Callable[[Sequence[str]], int]]:
         "generate-data": generate_data,
         "export": export,
         "summary": summary,
+        "import-config": import_config,
     }
 
 

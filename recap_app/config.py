@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from recap_app.errors import InputError
-from recap_app.storage import has_secret_value, is_secret_key
+from recap_app.storage import errors_named, has_secret_value, is_secret_key
 
 
 class ConfigError(InputError, ValueError):
@@ -121,11 +121,21 @@ class PoolingType(enum.StrEnum):
     MEAN = "mean"
 
 
+class IdTransform(enum.StrEnum):
+    """How a feature's raw int64 ids become rows of its table (recap_app/data.py transform_ids)."""
+
+    NONE = "none"  # ids are rows already: each must lie in [0, num_embeddings)
+    MODULO = "modulo"  # id mod num_embeddings (floor: -1 -> num_embeddings - 1)
+    HASH = "hash"  # SplitMix64 of the id's 64 bits, then mod num_embeddings
+
+
 class EmbeddingTableConfig(StrictModel):
     name: str = Field(min_length=1)
     num_embeddings: int = Field(gt=0)
     embedding_dim: int = Field(gt=0)
     feature_names: list[str] = Field(min_length=1)
+    # `none` keeps configs written before raw ids were accepted reading (and resuming) as they did.
+    id_transform: IdTransform = IdTransform.NONE
     pooling: PoolingType = PoolingType.SUM
     # Planner constraints: the sharding types this table may take (None lets the planner choose).
     sharding_types: list[ShardingType] | None = None
@@ -149,12 +159,24 @@ class EmbeddingsConfig(StrictModel):
         return [f for t in self.tables for f in t.feature_names]
 
 
+class DenseEmbeddingConfig(StrictModel):
+    """A pretrained vector per example (the original's TwHIN user / engagement / author inputs)."""
+
+    dim: int = Field(gt=0)
+    layer_norm: bool = True  # the original layer-norms each (torch.nn.LayerNorm(dim), eps 1e-5)
+
+
+_RESERVED_COLUMNS = ("continuous", "binary")
+
+
 class ModelConfig(StrictModel):
     featurization: DoubleNormLogConfig = Field(default_factory=DoubleNormLogConfig)
     multi_task_type: MultiTaskType = MultiTaskType.SHARE_ALL
     backbone: ArchitectureConfig | None = None
     tasks: dict[str, TaskConfig] = Field(min_length=1)
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    # Read from fixed-size float list columns of these names; joined after the pooled id embeddings.
+    dense_embeddings: dict[str, DenseEmbeddingConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _backbone_matches_type(self) -> ModelConfig:
@@ -162,8 +184,23 @@ class ModelConfig(StrictModel):
             raise ValueError(f"multi_task_type={self.multi_task_type.value} needs a backbone")
         return self
 
+    @model_validator(mode="after")
+    def _dense_embedding_columns(self) -> ModelConfig:
+        taken = set(_RESERVED_COLUMNS) | set(self.embeddings.feature_names)
+        clash = sorted(n for n in self.dense_embeddings if n in taken or n.startswith(("label/", "weight/")))
+        if clash:
+            raise ValueError(
+                f"dense_embeddings {clash}: names another column (continuous, binary, an id feature)"
+            )
+        return self
+
 
 # ------------------------------------------------------------------------------------------------ data
+class CorruptDataPolicy(enum.StrEnum):
+    FAIL = "fail"  # stop, naming the file and row group
+    SKIP = "skip"  # drop unreadable files, stand in for unreadable row groups (recap_app/data.py)
+
+
 class DataConfig(StrictModel):
     """Where examples come from and their dense shape; sparse features come from the embedding tables."""
 
@@ -173,6 +210,10 @@ class DataConfig(StrictModel):
     num_binary: int = Field(ge=0)
     global_batch_size: int = Field(gt=0)
     num_workers: int = Field(0, ge=0)
+    # Parquet files / row groups that cannot be read (truncated, not Parquet): fail, or skip them and
+    # fail only when more than this fraction of the dataset's row groups was skipped.
+    on_corrupt: CorruptDataPolicy = CorruptDataPolicy.FAIL
+    max_corrupt_fraction: float = Field(0.1, ge=0, le=1)
 
     def per_rank_batch_size(self, world_size: int) -> int:
         if self.global_batch_size % world_size:
@@ -184,14 +225,94 @@ class DataConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------------- optimizer
-class LearningRateConfig(StrictModel):
-    """Linear warm-up to `learning_rate`, then constant or cosine decay to `final_fraction` of it."""
+class PiecewiseConstant(StrictModel):
+    """`learning_rate_values[i]` from boundary i-1 (inclusive) up to boundary i."""
 
-    learning_rate: float = Field(gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    decay: str = Field("constant", pattern="^(constant|cosine)$")
-    decay_steps: int = Field(0, ge=0)
-    final_fraction: float = Field(0.0, ge=0, le=1)
+    learning_rate_boundaries: list[int]
+    learning_rate_values: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> PiecewiseConstant:
+        if len(self.learning_rate_values) != len(self.learning_rate_boundaries) + 1:
+            raise ValueError(
+                "learning_rate_values needs exactly one more entry than learning_rate_boundaries"
+            )
+        if self.learning_rate_boundaries != sorted(self.learning_rate_boundaries):
+            raise ValueError("learning_rate_boundaries must be ascending")
+        return self
+
+
+class LinearRampToConstant(StrictModel):
+    """0 at step 0, `learning_rate` from `num_ramp_steps` on."""
+
+    learning_rate: float = Field(ge=0)
+    num_ramp_steps: int = Field(gt=0)
+
+
+class LinearRampToCosine(StrictModel):
+    """Linear ramp to `learning_rate`, cosine decay to `final_learning_rate` at `final_num_steps`."""
+
+    learning_rate: float = Field(ge=0)
+    final_learning_rate: float = Field(ge=0)
+    num_ramp_steps: int = Field(gt=0)
+    final_num_steps: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> LinearRampToCosine:
+        if self.final_num_steps <= self.num_ramp_steps:
+            raise ValueError("final_num_steps must be greater than num_ramp_steps")
+        return self
+
+
+_LEGACY_SCHEDULE_KEYS = ("warmup_steps", "decay", "decay_steps", "final_fraction")
+
+
+class LearningRateConfig(StrictModel):
+    """One of the original's four schedules (the-algorithm-ml optimizers/config.py LearningRate), a
+    function of the step. A bare number is shorthand for `constant`."""
+
+    constant: float | None = Field(None, ge=0)
+    piecewise_constant: PiecewiseConstant | None = None
+    linear_ramp_to_constant: LinearRampToConstant | None = None
+    linear_ramp_to_cosine: LinearRampToCosine | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _number_is_constant(cls, data: Any) -> Any:
+        if isinstance(data, str):  # YAML reads `1e-3` (no dot) as a string
+            try:
+                data = float(data)
+            except ValueError:
+                return data
+        if isinstance(data, int | float) and not isinstance(data, bool):
+            return {"constant": data}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LearningRateConfig:
+        chosen = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                "set exactly one of constant, piecewise_constant, linear_ramp_to_constant, "
+                f"linear_ramp_to_cosine (got {chosen or 'none'})"
+            )
+        return self
+
+
+class DenseOptimizerConfig(StrictModel):
+    learning_rate: LearningRateConfig = Field(default_factory=lambda: LearningRateConfig(constant=1e-3))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in _LEGACY_SCHEDULE_KEYS):
+            raise ValueError(
+                "warmup_steps / decay / decay_steps / final_fraction were replaced by the original's "
+                "schedules: learning_rate: {linear_ramp_to_constant: {learning_rate, num_ramp_steps}} or "
+                "{linear_ramp_to_cosine: {learning_rate, final_learning_rate, num_ramp_steps, "
+                "final_num_steps}}"
+            )
+        return data
 
 
 class AdamConfig(StrictModel):
@@ -216,7 +337,13 @@ class SparseOptimizerConfig(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
-    dense: LearningRateConfig = Field(default_factory=lambda: LearningRateConfig(learning_rate=1e-3))
+    """Adam for dense parameters, in parameter groups as the original's multi_task_learning_rates: one
+    per tower in `tower_learning_rates`, the backbone group for every other dense parameter (unlisted
+    towers included) at `backbone_learning_rate`, else `dense.learning_rate`."""
+
+    dense: DenseOptimizerConfig = Field(default_factory=DenseOptimizerConfig)
+    backbone_learning_rate: LearningRateConfig | None = None
+    tower_learning_rates: dict[str, LearningRateConfig] = Field(default_factory=dict)
     adam: AdamConfig = Field(default_factory=AdamConfig)
     sparse: SparseOptimizerConfig = Field(default_factory=SparseOptimizerConfig)
 
@@ -246,6 +373,11 @@ class TrainingConfig(StrictModel):
     collective_timeout_s: float = Field(600.0, gt=0)
 
 
+class CorruptCheckpointPolicy(enum.StrEnum):
+    FALLBACK = "fallback"  # rename it step-N.corrupt, resume from the newest readable complete step
+    FAIL = "fail"  # stop, naming the step and the file
+
+
 class CheckpointConfig(StrictModel):
     """`{save_dir}/checkpoints/step-N` saves (recap_app/checkpoint.py): interval, retention, failures."""
 
@@ -260,6 +392,8 @@ class CheckpointConfig(StrictModel):
     # On SIGTERM / SIGINT the ranks stop at an agreed step and save it, if the signal came at most this
     # long ago (torchrun kills its workers 30 s after forwarding a signal; keep the save inside that).
     preemption_timeout_s: float = Field(25.0, gt=0)
+    # A complete step that cannot be read on resume.
+    on_corrupt: CorruptCheckpointPolicy = CorruptCheckpointPolicy.FALLBACK
 
 
 class EvalConfig(StrictModel):
@@ -268,6 +402,8 @@ class EvalConfig(StrictModel):
     every_n: int = Field(0, ge=0)
     # Periodic evals score at most this many batches per rank, each eval example at most once.
     num_batches: int = Field(20, gt=0)
+    # AUROC with example weights (the original's AUROCWithMWU); false: every example counts once.
+    weighted_auroc: bool = False
 
 
 class EmbeddingLogConfig(StrictModel):
@@ -283,6 +419,8 @@ class StorageConfig(StrictModel):
 
     # Options passed to each fsspec filesystem (endpoints, anon, ...). Credentials belong in the env.
     options: dict[str, Any] = Field(default_factory=dict)
+    # An object store's endpoint that accepts no connection for this long fails the run, naming it.
+    connect_timeout_s: float = Field(30.0, gt=0)
 
 
 class RecapConfig(StrictModel):
@@ -303,6 +441,13 @@ class RecapConfig(StrictModel):
             raise ValueError(f"embedding_log.tables: no table(s) {unknown} (tables: {known})")
         return self
 
+    @model_validator(mode="after")
+    def _known_towers(self) -> RecapConfig:
+        unknown = sorted(set(self.optimizer.tower_learning_rates) - set(self.model.tasks))
+        if unknown:
+            raise ValueError(f"optimizer.tower_learning_rates: no task(s) {unknown} in model.tasks")
+        return self
+
     @property
     def task_names(self) -> list[str]:
         return list(self.model.tasks)
@@ -318,7 +463,7 @@ def _read_yaml(config: str) -> dict[str, Any]:
         text = resources.files("recap_app.configs").joinpath(f"{config}.yaml").read_text()
     else:
         try:
-            with fsspec.open(config, "r") as f:
+            with errors_named(config, "read config"), fsspec.open(config, "r") as f:
                 text = f.read()
         except FileNotFoundError as e:
             raise ConfigError(

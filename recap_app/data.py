@@ -15,9 +15,15 @@ column                  Arrow type                                   meaning
 ``<feature name>``      ``list<int64>``                              one column per sparse id feature in
                                                                      ``model.embeddings.tables[*]
                                                                      .feature_names`` (e.g. ``user_id``):
-                                                                     0..n ids per example, each in
-                                                                     [0, num_embeddings) of its table;
+                                                                     0..n ids per example: any int64
+                                                                     under the table's id_transform
+                                                                     `hash` / `modulo`, else (`none`)
+                                                                     each in [0, num_embeddings);
                                                                      a null list reads as empty
+``<embedding name>``    ``fixed_size_list<float32>[dim]``            one column per entry of
+                                                                     ``model.dense_embeddings`` (e.g.
+                                                                     TwHIN ``user_embedding``); a null
+                                                                     row reads as zeros
 ``label/<task name>``   ``float32``                                  0/1 label, one per ``model.tasks``
                                                                      entry (e.g. ``label/recap.engagement
                                                                      .is_favorited``)
@@ -28,8 +34,8 @@ Also accepted on read (Spark and friends write these): ``list<float>`` / ``large
 ``continuous`` / ``binary`` when every row has the configured width, any integer list type for id
 features, and any numeric or boolean type for labels and weights (all cast to the types above).
 Missing columns, a wrong fixed-list width, nulls in dense / label / weight columns, labels other than
-0 / 1, weights that are negative or not finite, and ids outside their table raise ``ParquetSchemaError``
-naming the file URL, the row group and the column(s).
+0 / 1, weights that are negative or not finite, and ids outside their table (``id_transform: none``)
+raise ``ParquetSchemaError`` naming the file URL, the row group and the column(s).
 
 A batch is a ``RecapBatch``: continuous [B, N_c] and binary [B, N_b] float32, a ``KeyedJaggedTensor``
 whose keys are the sparse feature names in config order (lengths int32, values int64), labels and
@@ -53,6 +59,12 @@ batch size), so a run moved from 2 to 4 ranks to 1 mid-epoch trains every exampl
 once, and all of them but the few left out at a re-deal. ``skip_batches`` skips batches from the start
 position using the Parquet footers' row counts: whole row groups are skipped unread.
 
+Unreadable data (``data.on_corrupt``): a file whose footer cannot be read (truncated, not Parquet) and a
+row group that fails mid-run raise ``CorruptDataError`` naming the file (and row group), or with ``skip``
+the file is dropped on every rank alike and the row group's rows are replaced by zero-weight copies of the
+reader's readable rows, so that every reader still yields the batches it was dealt (``_StandIn``); the
+trainer counts them over all ranks (``CorruptTally``) and fails past ``data.max_corrupt_fraction``.
+
 ``make_dataloader`` wraps the reader in a DataLoader. With ``num_workers > 0`` the DataLoader takes
 batches from the workers round-robin (skipping exhausted workers), so the reader's own
 ``skip_batches`` (per worker) is not the same as batches of the combined stream. ``make_dataloader``
@@ -65,6 +77,7 @@ batches an uninterrupted one would have yielded after ``skip_batches`` batches, 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,9 +94,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recap_app.batch import RecapBatch
-from recap_app.config import RecapConfig
+from recap_app.config import CorruptDataPolicy, IdTransform, RecapConfig
 from recap_app.errors import InputError
-from recap_app.storage import has_scheme, url_to_fs
+from recap_app.logs import ALL_RANKS, log
+from recap_app.storage import errors_named, has_scheme, url_to_fs
 
 CONTINUOUS = "continuous"
 BINARY = "binary"
@@ -110,6 +124,28 @@ class ParquetSchemaError(DataError):
     """A Parquet file does not match the ranking-example schema (the message names file and column)."""
 
 
+class CorruptDataError(DataError):
+    """A file or row group cannot be read as Parquet (truncated, overwritten, not Parquet at all)."""
+
+
+def is_corrupt(error: BaseException) -> bool:
+    """Whether a read failed on the bytes themselves: Arrow's own errors (no magic bytes, bad thrift,
+    bad compression) and EOF. Storage failures (OSError with an errno, or a backend's class) are not."""
+    return isinstance(error, pa.ArrowException | EOFError) or (type(error) is OSError and error.errno is None)
+
+
+def _cause(error: BaseException) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(str(error).split()))
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def corrupt_hint(where: str, error: BaseException) -> str:
+    return (
+        f"{where}: cannot be read as Parquet ({_cause(error)}); fix or remove the file and run again (the "
+        "run resumes from its last checkpoint), or set data.on_corrupt=skip to train without it"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- schema
 @dataclass(frozen=True)
 class Layout:
@@ -120,25 +156,34 @@ class Layout:
     features: tuple[str, ...]
     table_sizes: tuple[int, ...]  # num_embeddings of each feature's table
     tasks: tuple[str, ...]
+    id_transforms: tuple[IdTransform, ...] = ()  # per feature (empty: all `none`)
+    dense_embeddings: tuple[tuple[str, int], ...] = ()  # (column, dim) of each model.dense_embeddings
 
     @staticmethod
     def of(config: RecapConfig) -> Layout:
-        features, sizes = [], []
+        features, sizes, transforms = [], [], []
         for table in config.model.embeddings.tables:
             for name in table.feature_names:
                 features.append(name)
                 sizes.append(table.num_embeddings)
+                transforms.append(table.id_transform)
         return Layout(
             num_continuous=config.data.num_continuous,
             num_binary=config.data.num_binary,
             features=tuple(features),
             table_sizes=tuple(sizes),
             tasks=tuple(config.task_names),
+            id_transforms=tuple(transforms),
+            dense_embeddings=tuple((n, e.dim) for n, e in config.model.dense_embeddings.items()),
         )
+
+    def transform_of(self, feature: int) -> IdTransform:
+        return self.id_transforms[feature] if self.id_transforms else IdTransform.NONE
 
     @property
     def columns(self) -> list[str]:
         cols = [CONTINUOUS] + ([BINARY] if self.num_binary else []) + list(self.features)
+        cols += [name for name, _ in self.dense_embeddings]
         return cols + [label_column(t) for t in self.tasks] + [weight_column(t) for t in self.tasks]
 
 
@@ -161,9 +206,11 @@ def check_schema(schema: pa.Schema, config: RecapConfig | Layout, url: str) -> N
             "(see recap_app/data.py for the schema)"
         )
     problems = []
+    dense = [(n, d, f"model.dense_embeddings[{n}].dim") for n, d in layout.dense_embeddings]
     for name, width, key in (
         (CONTINUOUS, layout.num_continuous, "data.num_continuous"),
         (BINARY, layout.num_binary, "data.num_binary"),
+        *dense,
     ):
         if name == BINARY and not width:
             continue
@@ -195,6 +242,9 @@ class Columns:
     labels: np.ndarray  # [n, T] float32
     weights: np.ndarray  # [n, T] float32
     sources: tuple[str, ...] = ()  # the row groups these rows came from (for error messages)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)  # per dense embedding: [n, dim] float32
+    # Row groups (reader unit indices) found unreadable and stood in for since the previous batch.
+    corrupt_units: tuple[int, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -212,6 +262,7 @@ class Columns:
             self.labels[start:stop],
             self.weights[start:stop],
             self.sources,
+            {k: v[start:stop] for k, v in self.dense.items()},
         )
 
     def padding(self, num_rows: int) -> Columns:
@@ -231,6 +282,7 @@ class Columns:
             self.labels[idx],
             np.zeros_like(self.weights[idx]),
             self.sources,
+            {k: v[idx] for k, v in self.dense.items()},
         )
 
     @staticmethod
@@ -250,6 +302,8 @@ class Columns:
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.weights for p in parts]),
             tuple(dict.fromkeys(s for p in parts for s in p.sources)),
+            {k: np.concatenate([p.dense[k] for p in parts]) for k in parts[0].dense},
+            tuple(u for p in parts for u in p.corrupt_units),
         )
 
     def to_batch(self, keys: Sequence[str]) -> RecapBatch:
@@ -275,6 +329,8 @@ class Columns:
             labels=torch.from_numpy(self.labels.copy()),
             weights=torch.from_numpy(self.weights.copy()),
             source="; ".join(self.sources),
+            dense_embeddings={k: torch.from_numpy(v.copy()) for k, v in self.dense.items()},
+            corrupt_units=self.corrupt_units,
         )
 
     def to_arrow(self, layout: Layout) -> pa.Table:
@@ -290,6 +346,8 @@ class Columns:
             )
         for name, (offsets, values) in zip(layout.features, self.sparse, strict=True):
             cols[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+        for name, dim in layout.dense_embeddings:
+            cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(self.dense[name].reshape(-1)), dim)
         for i, task in enumerate(layout.tasks):
             cols[label_column(task)] = pa.array(np.ascontiguousarray(self.labels[:, i]))
         for i, task in enumerate(layout.tasks):
@@ -330,6 +388,17 @@ def _dense(table: pa.Table, name: str, width: int, where: str) -> np.ndarray:
     return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width)
 
 
+def _embedding(table: pa.Table, name: str, dim: int, where: str) -> np.ndarray:
+    """A dense embedding column as [rows, dim]; a null row (an entity without a vector) reads as zeros."""
+    arr = _column(table, name)
+    if not arr.null_count:
+        return _dense(table, name, dim, where)
+    present = pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    out = np.zeros((table.num_rows, dim), dtype=np.float32)
+    out[present] = _dense(pa.table({name: arr.filter(present)}), name, dim, where)
+    return out
+
+
 def _scalar(table: pa.Table, name: str, where: str) -> np.ndarray:
     arr = _column(table, name)
     if arr.null_count:
@@ -337,19 +406,52 @@ def _scalar(table: pa.Table, name: str, where: str) -> np.ndarray:
     return np.array(arr.to_numpy(zero_copy_only=False), dtype=np.float32)
 
 
-def _ids(table: pa.Table, name: str, size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """An id list column as (offsets [rows + 1], ids), every id checked against its table's size."""
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLITMIX_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(ids: np.ndarray) -> np.ndarray:
+    """SplitMix64 (Steele, Lea & Flood 2014; the output function of Java's SplittableRandom) of each
+    int64's 64 bits, as uint64: fixed constants, no seed, so every rank and every run maps an id alike."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.int64, copy=False).view(np.uint64) + _SPLITMIX_GAMMA
+        z ^= z >> np.uint64(30)
+        z *= _SPLITMIX_M1
+        z ^= z >> np.uint64(27)
+        z *= _SPLITMIX_M2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def transform_ids(ids: np.ndarray, transform: IdTransform, num_embeddings: int) -> np.ndarray:
+    """Raw int64 ids -> table rows in [0, num_embeddings): `hash` is splitmix64(id) mod num_embeddings,
+    `modulo` is id mod num_embeddings (floor), `none` returns them as they are."""
+    if transform == IdTransform.HASH:
+        return (splitmix64(ids) % np.uint64(num_embeddings)).astype(np.int64)
+    if transform == IdTransform.MODULO:
+        return np.mod(ids, num_embeddings)
+    return ids
+
+
+def _ids(
+    table: pa.Table, name: str, size: int, where: str, transform: IdTransform = IdTransform.NONE
+) -> tuple[np.ndarray, np.ndarray]:
+    """An id list column as (offsets [rows + 1], table rows): raw ids hashed or reduced by `transform`,
+    or with `none` checked against the table's size."""
     arr = _column(table, name)
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
     values = arr.flatten()
     if values.null_count:
         raise ParquetSchemaError(f"{where}: column {name!r} holds {values.null_count} null id(s)")
     ids = np.array(values.to_numpy(zero_copy_only=False), dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= size):
+    if transform != IdTransform.NONE:
+        ids = transform_ids(ids, transform, size)
+    elif ids.size and (ids.min() < 0 or ids.max() >= size):
         bad = ids[(ids < 0) | (ids >= size)]
         raise ParquetSchemaError(
             f"{where}: column {name!r} has id(s) outside [0, {size}) of its embedding table, "
-            f"e.g. {bad[:5].tolist()} (raise num_embeddings or hash the ids)"
+            f"e.g. {bad[:5].tolist()} (raw ids: set the table's id_transform to hash)"
         )
     offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -376,10 +478,14 @@ def _decode(table: pa.Table, layout: Layout, where: str) -> Columns:
     return Columns(
         _dense(table, CONTINUOUS, layout.num_continuous, where),
         _dense(table, BINARY, layout.num_binary, where),
-        [_ids(table, f, size, where) for f, size in zip(layout.features, layout.table_sizes, strict=True)],
+        [
+            _ids(table, f, size, where, layout.transform_of(i))
+            for i, (f, size) in enumerate(zip(layout.features, layout.table_sizes, strict=True))
+        ],
         _targets(table, [label_column(t) for t in layout.tasks], where, labels=True),
         _targets(table, [weight_column(t) for t in layout.tasks], where, labels=False),
         (where,),
+        {name: _embedding(table, name, dim, where) for name, dim in layout.dense_embeddings},
     )
 
 
@@ -427,8 +533,9 @@ def _parquet_paths(fs: AbstractFileSystem, path: str) -> list[str]:
 def _find_parquet(
     url: str, storage_options: Mapping[str, Any] | None
 ) -> tuple[AbstractFileSystem, list[str]]:
-    fs, path = url_to_fs(url, storage_options)
-    paths = _parquet_paths(fs, path)
+    with errors_named(url, "list data under"):
+        fs, path = url_to_fs(url, storage_options)
+        paths = _parquet_paths(fs, path)
     if not paths:
         raise DataNotFoundError(
             f"no Parquet files at {url!r} (a file, a directory holding *.parquet, a glob or a prefix)"
@@ -541,6 +648,7 @@ class _File:
     url: str  # for messages
     path: str  # inside the filesystem
     row_group_rows: list[int] = field(default_factory=list)
+    unreadable: str = ""  # why its footer cannot be read (data.on_corrupt=skip drops the file)
 
 
 class ParquetBatchReader(IterableDataset):
@@ -580,27 +688,63 @@ class ParquetBatchReader(IterableDataset):
         self.pad = pad
         self.storage_options = dict(config.storage.options if storage_options is None else storage_options)
         self._worker_plan: _WorkerPlan | None = None
-        self.files = self._read_footers()
+        self.on_corrupt = config.data.on_corrupt
+        self.max_corrupt_fraction = config.data.max_corrupt_fraction
+        self.files, self.dropped_files = self._read_footers()
         self.units = [
             _Unit(i, g, rows) for i, f in enumerate(self.files) for g, rows in enumerate(f.row_group_rows)
         ]
+        self.unit_index = {(u.file, u.row_group): i for i, u in enumerate(self.units)}
+        self.bad_units: dict[int, str] = {}  # unreadable row groups met by this process (skip policy)
         self.num_rows = sum(u.num_rows for u in self.units)
         self.start = start or DataPosition.fresh(0, self.num_rows)
+        self._check_corrupt_fraction(0)
 
-    def _read_footers(self) -> list[_File]:
+    def _read_footers(self) -> tuple[list[_File], list[_File]]:
+        """(readable files, unreadable ones). Every rank reads every footer, so with the skip policy
+        every rank drops the same files and the row-group order stays identical across ranks."""
         fs, paths = _find_parquet(self.url, self.storage_options)
         files = [_File(_display(self.url, fs, p), p) for p in paths]
 
         def footer(f: _File) -> None:
-            with fs.open(f.path, "rb") as fobj:
-                pf = pq.ParquetFile(fobj)
-                check_schema(pf.schema_arrow, self.layout, f.url)
-                md = pf.metadata
-                f.row_group_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+            try:
+                with errors_named(f.url, "read"), fs.open(f.path, "rb") as fobj:
+                    pf = pq.ParquetFile(fobj)
+                    md = pf.metadata
+            except Exception as e:
+                if not is_corrupt(e):
+                    raise
+                f.unreadable = corrupt_hint(f.url, e)
+                return
+            check_schema(pf.schema_arrow, self.layout, f.url)
+            f.row_group_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
         with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
             list(pool.map(footer, files))
-        return files
+        bad = [f for f in files if f.unreadable]
+        if bad and self.on_corrupt == CorruptDataPolicy.FAIL:
+            more = f" ({len(bad) - 1} more unreadable file(s) under {self.url})" if len(bad) > 1 else ""
+            raise CorruptDataError(bad[0].unreadable + more)
+        if len(bad) == len(files):
+            raise CorruptDataError(f"{self.url}: no readable Parquet file; the first: {bad[0].unreadable}")
+        for f in bad:
+            log(
+                f"data.on_corrupt=skip: dropping {f.unreadable.split('; fix or remove')[0]}",
+                level=logging.WARNING,
+            )
+        return [f for f in files if not f.unreadable], bad
+
+    def _check_corrupt_fraction(self, bad_row_groups: int) -> None:
+        """Fail when the dropped files (one row group each: their footers are unreadable) and the
+        skipped row groups exceed data.max_corrupt_fraction of the dataset's row groups."""
+        bad = len(self.dropped_files) + bad_row_groups
+        total = len(self.units) + len(self.dropped_files)
+        if bad and bad / total > self.max_corrupt_fraction:
+            raise CorruptDataError(
+                f"{self.url}: {bad} of {total} row groups unreadable ({len(self.dropped_files)} file(s) "
+                f"dropped, {bad_row_groups} row group(s) skipped), more than data.max_corrupt_fraction="
+                f"{self.max_corrupt_fraction:g}; fix or remove the files named in the log"
+            )
 
     # ------------------------------------------------------------------------------------- planning
     def epoch_order(self, epoch: int) -> list[_Unit]:
@@ -717,9 +861,9 @@ class ParquetBatchReader(IterableDataset):
 
     def _read(self, epoch: int, intervals: Sequence[tuple[int, int]], skip_rows: int) -> Iterator[Columns]:
         """Batches of the rows of `intervals` after the first `skip_rows` (skipped unread where whole)."""
-        fs, _ = url_to_fs(self.url, self.storage_options)
         size = self.batch_size
-        current: tuple[int, Any, pq.ParquetFile] | None = None
+        opened = _OpenFile(self)
+        stand_in = _StandIn(self)
         pending: Columns | None = None
         try:
             for unit, lo, hi in self._pieces(epoch, intervals):
@@ -727,27 +871,158 @@ class ParquetBatchReader(IterableDataset):
                     skip_rows -= hi - lo
                     continue
                 lo, skip_rows = lo + skip_rows, 0
-                if current is None or current[0] != unit.file:
-                    if current is not None:
-                        current[1].close()
-                    fobj = fs.open(self.files[unit.file].path, "rb")
-                    current = (unit.file, fobj, pq.ParquetFile(fobj))
                 where = f"{self.files[unit.file].url} row group {unit.row_group}"
-                table = self._read_row_group(current[2], unit, epoch).slice(lo, hi - lo)
-                cols = _decode(table, self.layout, where)
+                cols = self._piece(opened, stand_in, unit, epoch, (lo, hi), where)
+                if cols is None:
+                    continue  # an unreadable row group, stood in for once readable rows come
                 pending = cols if pending is None else Columns.concat([pending, cols])
                 start = 0
                 while pending.num_rows - start >= size:
-                    yield pending.slice(start, start + size)
+                    batch = pending.slice(start, start + size)
+                    batch.corrupt_units = stand_in.take_new()
+                    yield batch
                     start += size
                 pending = pending.slice(start, pending.num_rows)
                 if pending.num_rows <= cols.num_rows:  # the rows left over all come from this row group
                     pending.sources = (where,)
         finally:
-            if current is not None:
-                current[1].close()
+            opened.close()
+        stand_in.settle()
         if not self.repeat and pending is not None and pending.num_rows:
+            pending.corrupt_units = stand_in.take_new()
             yield pending
+
+    def _piece(
+        self,
+        opened: _OpenFile,
+        stand_in: _StandIn,
+        unit: _Unit,
+        epoch: int,
+        rows: tuple[int, int],
+        where: str,
+    ) -> Columns | None:
+        """Rows [lo, hi) of one row group, decoded; an unreadable one goes to `stand_in` (the policy)."""
+        lo, hi = rows
+        index = self.unit_index[(unit.file, unit.row_group)]
+        if index in self.bad_units:  # met in an earlier epoch: not read again
+            return stand_in.replace(index, hi - lo, where, None)
+        try:
+            with errors_named(self.files[unit.file].url, "read"):
+                table = self._read_row_group(opened.get(unit.file), unit, epoch).slice(lo, hi - lo)
+        except Exception as e:
+            if not is_corrupt(e):
+                raise
+            opened.close()  # the file may be broken as a whole: reopen it for its next row group
+            return stand_in.replace(index, hi - lo, where, e)
+        return stand_in.good(_decode(table, self.layout, where))
+
+
+class _OpenFile:
+    """The reader's one open Parquet file (consecutive pieces mostly come from the same file)."""
+
+    def __init__(self, reader: ParquetBatchReader) -> None:
+        self.reader = reader
+        self.current: tuple[int, Any, pq.ParquetFile] | None = None
+
+    def get(self, file: int) -> pq.ParquetFile:
+        if self.current is None or self.current[0] != file:
+            self.close()
+            fs, _ = url_to_fs(self.reader.url, self.reader.storage_options)
+            fobj = fs.open(self.reader.files[file].path, "rb")
+            try:
+                self.current = (file, fobj, pq.ParquetFile(fobj))
+            except BaseException:
+                fobj.close()
+                raise
+        return self.current[2]
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current[1].close()
+            self.current = None
+
+
+class _StandIn:
+    """data.on_corrupt for a row group that fails mid-run (its file's footer was readable).
+
+    fail: CorruptDataError naming the file and row group. skip: the reader still yields exactly the rows
+    (so the batches) it was dealt, because every rank must run every step: the unreadable row group's
+    rows are replaced by zero-weight copies of this reader's readable rows (Columns.padding; the
+    weighted loss ignores them), from the previous row group read, or the next one when it comes first.
+    It is logged once per process and reported on the next batch (`corrupt_units`), which the trainer
+    counts over every rank (CorruptTally)."""
+
+    def __init__(self, reader: ParquetBatchReader) -> None:
+        self.reader = reader
+        self.template: Columns | None = None
+        self.owed = 0
+        self.new: list[int] = []
+
+    def replace(self, index: int, rows: int, where: str, error: BaseException | None) -> Columns | None:
+        reader = self.reader
+        if error is not None:
+            if reader.on_corrupt == CorruptDataPolicy.FAIL:
+                raise CorruptDataError(corrupt_hint(where, error)) from error
+            reader.bad_units[index] = _cause(error)
+            log(
+                f"data.on_corrupt=skip: {where} cannot be read ({_cause(error)}); its {rows} rows are "
+                "replaced by zero-weight copies of readable rows",
+                rank=ALL_RANKS,
+                level=logging.WARNING,
+            )
+        self.new.append(index)
+        if self.template is None:
+            self.owed += rows
+            return None
+        return self.template.padding(rows)
+
+    def good(self, cols: Columns) -> Columns:
+        self.template = cols
+        if self.owed:
+            cols, self.owed = Columns.concat([cols, cols.padding(self.owed)]), 0
+        return cols
+
+    def take_new(self) -> tuple[int, ...]:
+        new, self.new = tuple(self.new), []
+        return new
+
+    def settle(self) -> None:
+        if self.owed:
+            raise CorruptDataError(
+                f"{self.reader.url}: every row group dealt to reader (rank {self.reader.rank}) is "
+                "unreadable; nothing to stand in for them (see the log for the files)"
+            )
+
+
+class CorruptTally:
+    """The training stream's unreadable row groups over every rank (data.on_corrupt=skip): counted as
+    the batches are taken, reduced at each metrics log (a collective), reported as metrics, and the
+    run fails on every rank alike once they exceed data.max_corrupt_fraction of the row groups."""
+
+    def __init__(self, reader: ParquetBatchReader, device: torch.device) -> None:
+        self.reader, self.device = reader, device
+        self.units: set[int] = set()
+
+    def watch(self, batches: Iterator[RecapBatch]) -> Iterator[RecapBatch]:
+        for batch in batches:
+            self.units.update(batch.corrupt_units)
+            yield batch
+
+    def reduce(self) -> dict[str, int]:
+        """Collective: metrics.jsonl keys for the unreadable files and distinct row groups so far."""
+        import torch.distributed as dist
+
+        count = torch.tensor([len(self.units)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count)
+        bad = 0
+        if int(count):
+            flags = torch.zeros(len(self.reader.units), dtype=torch.int32)
+            flags[sorted(self.units)] = 1
+            flags = flags.to(self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad = int(flags.sum())
+        self.reader._check_corrupt_fraction(bad)
+        return {"data_corrupt_files": len(self.reader.dropped_files), "data_corrupt_row_groups": bad}
 
 
 def _check_reader_args(

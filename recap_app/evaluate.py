@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runtime,
                 max_batches=args.num_batches or None,
                 real_rows=real_rows,
+                weighted_auroc=config.eval.weighted_auroc,
             )
             log(f"{ckpt_url}: {format_eval(metrics, config.task_names)}")
             if runtime.rank == 0:

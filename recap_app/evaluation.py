@@ -33,12 +33,13 @@ def evaluate(
     max_batches: int | None = None,
     real_rows: int | None = None,
     progress_every_s: float = 30.0,
+    weighted_auroc: bool = False,
 ) -> dict[str, float]:
     """Score `batches` (at most `max_batches`) on every rank, gather; per-task AUROC, RCE, the mean loss.
 
     With `real_rows` (a padded one-pass loader, see one_pass_loader) only this rank's first `real_rows`
     rows count; the zero-weight padding after them adds nothing to the loss sums. Long passes log
-    their progress on rank 0 every `progress_every_s` seconds.
+    their progress on rank 0 every `progress_every_s` seconds. `weighted_auroc`: see metrics.py.
     """
     was_training = model.training
     model.eval()
@@ -64,7 +65,9 @@ def evaluate(
     t = len(task_names)
     local = torch.cat(scored) if scored else torch.zeros(0, 3 * t)
     every = _all_gather_rows(local.to(runtime.device), runtime.world_size).cpu()
-    metrics = task_metrics(every[:, :t], every[:, t : 2 * t], every[:, 2 * t :], list(task_names))
+    metrics = task_metrics(
+        every[:, :t], every[:, t : 2 * t], every[:, 2 * t :], list(task_names), weighted=weighted_auroc
+    )
     totals = torch.tensor([loss_sum, float(examples)], dtype=torch.float64, device=runtime.device)
     dist.all_reduce(totals)
     metrics["loss"] = float(totals[0] / totals[1])
@@ -105,6 +108,7 @@ class Validator:
             runtime,
             max_batches=self.cfg.num_batches,
             real_rows=self.real_rows,
+            weighted_auroc=self.cfg.weighted_auroc,
         )
 
 

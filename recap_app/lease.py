@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from recap_app.errors import InputError
 from recap_app.logs import log
-from recap_app.storage import join, rm, url_to_fs, write
+from recap_app.storage import StorageError, errors_named, join, rm, url_to_fs, write
 
 LEASE_FILE = "lease.json"
 
@@ -86,9 +86,10 @@ class OutputLease:
         }
 
     def read(self) -> dict[str, Any] | None:
-        fs, path = url_to_fs(self.url, self.storage_options)
         try:
-            return json.loads(fs.cat_file(path))
+            with errors_named(self.url, "read"):
+                fs, path = url_to_fs(self.url, self.storage_options)
+                return json.loads(fs.cat_file(path))
         except FileNotFoundError:
             return None
         except ValueError:
@@ -128,8 +129,15 @@ class OutputLease:
 
     def acquire(self) -> None:
         """Collective: rank 0 takes the lease (or learns why not); every rank raises the same refusal."""
-        verdict: list[Any] = [self.try_take() if dist.get_rank() == 0 else None]
+        verdict: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                verdict = [self.try_take()]
+            except StorageError as e:  # the output cannot be written: every rank says so, not rank 0 alone
+                verdict = [e]
         dist.broadcast_object_list(verdict, src=0)
+        if isinstance(verdict[0], StorageError):
+            raise verdict[0]
         if verdict[0] is not None:
             raise OutputLeasedError(verdict[0])
         if dist.get_rank() == 0:

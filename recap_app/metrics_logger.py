@@ -21,16 +21,17 @@ import torch
 import torch.distributed as dist
 
 from recap_app.logs import log
-from recap_app.storage import has_scheme, join, url_to_fs, write
+from recap_app.storage import errors_named, has_scheme, join, url_to_fs, write
 
 
 def read_metrics(url: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl ([] when it does not exist yet)."""
-    fs, path = url_to_fs(url, storage_options)
-    if not fs.exists(path):
-        return []
-    with fs.open(path, "r") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with errors_named(url, "read"):
+        fs, path = url_to_fs(url, storage_options)
+        if not fs.exists(path):
+            return []
+        with fs.open(path, "r") as f:
+            return [json.loads(line) for line in f if line.strip()]
 
 
 class MetricsWriter:

@@ -1,8 +1,9 @@
 """The Recap heavy ranker: a port of twitter/the-algorithm-ml projects/home/recap/model, plus sparse ids.
 
-Behaviour follows the original (DoubleNormLog featurization, MaskNet, Mlp, share_all/partial/none,
-affine maps, numeric calibration). Added: sparse id features pooled by a torchrec EmbeddingBagCollection
-whose outputs join the dense input, selected by key (sharded outputs may reorder keys).
+Behaviour follows the original (DoubleNormLog featurization, layer-normed TwHIN-style dense embedding
+inputs, MaskNet, Mlp, share_all/partial/none, affine maps, numeric calibration). Added: sparse id
+features pooled by a torchrec EmbeddingBagCollection whose outputs join the dense input, selected by key
+(sharded outputs may reorder keys).
 """
 
 from __future__ import annotations
@@ -222,8 +223,17 @@ class RecapRanker(torch.nn.Module):
             if config.embeddings.tables
             else None
         )
+        # TwHIN-style pretrained vectors, each layer-normed as the original's entrypoint.py does.
+        self.dense_embedding_names = list(config.dense_embeddings)
+        self.dense_embedding_norms = torch.nn.ModuleDict(
+            {
+                name: torch.nn.LayerNorm(e.dim) if e.layer_norm else torch.nn.Identity()
+                for name, e in config.dense_embeddings.items()
+            }
+        )
         input_dims = num_continuous + num_binary
         input_dims += sum(t.embedding_dim * len(t.feature_names) for t in config.embeddings.tables)
+        input_dims += sum(e.dim for e in config.dense_embeddings.values())
         self.input_dims = input_dims
 
         self.backbone = (
@@ -263,6 +273,10 @@ class RecapRanker(torch.nn.Module):
             pooled = self.embedding_bag_collection(batch.sparse_features)
             # Select by key: a sharded EBC may return its keys in another order.
             features.extend(pooled[name] for name in self.sparse_feature_names)
+        # Indexed, not searched: torchrec's train pipeline traces this with the batch as an fx proxy.
+        features.extend(
+            self.dense_embedding_norms[n](batch.dense_embeddings[n]) for n in self.dense_embedding_names
+        )
         x = torch.cat(features, dim=1)
 
         if self.multi_task_type == MultiTaskType.SHARE_ALL:

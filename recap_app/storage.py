@@ -6,10 +6,15 @@ AZURE_STORAGE_*) or from config storage options; they are never logged (see `red
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
-from collections.abc import Mapping
+import socket
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -86,6 +91,8 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
         endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["endpoint_url"] = endpoint
+    if protocol in _OBJECT_STORES:
+        check_reachable(url, options)
     fs, path = fsspec.core.url_to_fs(url, **options)
     if protocol in _BUCKET_STORES:
         _check_bucket(fs, path, url)
@@ -132,27 +139,30 @@ def _check_bucket(fs: AbstractFileSystem, path: str, url: str) -> None:
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    fs, path = url_to_fs(url, storage_options)
-    return fs.exists(path)
+    with errors_named(url, "read"):
+        fs, path = url_to_fs(url, storage_options)
+        return fs.exists(path)
 
 
 def write(url: str, content: bytes | str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write a whole file (text as UTF-8), creating its parent folder where the backend has folders.
     One PUT on object stores, so readers never see half a file there."""
-    fs, path = url_to_fs(url, storage_options)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
+    with errors_named(url, "write"):
+        fs, path = url_to_fs(url, storage_options)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
 
 
 def ls(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Entries directly under `url`, as URLs of the same kind (fsspec's own `ls` drops the scheme, and
     a bare "bucket/key" path cannot be passed back to `url_to_fs`). Sorted; [] for a missing dir."""
-    fs, path = url_to_fs(url, storage_options)
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return []
+    with errors_named(url, "list"):
+        fs, path = url_to_fs(url, storage_options)
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
     names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
     names.discard("")
     return sorted(join(url, n) for n in names)
@@ -169,8 +179,9 @@ def rm(url: str, recursive: bool = False, storage_options: Mapping[str, Any] | N
 
 def fsspec_clear_instance_caches() -> None:
     """Forget every cached fsspec filesystem instance (all imported implementations), so the next
-    `url_to_fs` builds one from the current environment; buckets are checked again too."""
+    `url_to_fs` builds one from the current environment; buckets and endpoints are checked again too."""
     _EXISTING_BUCKETS.clear()
+    _REACHED.clear()
     seen: set[type] = set()
     stack: list[type] = [AbstractFileSystem]
     while stack:
@@ -200,3 +211,186 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return _SECRET_PAIR.sub(rf"\1{REDACTED}", _URL_PASSWORD.sub(rf"\1{REDACTED}@", value))
     return value
+
+
+# --------------------------------------------------------------------------------- storage errors
+class StorageError(InputError):
+    """A URL could not be read or written for a reason outside recap (space, permissions, credentials,
+    network): the message names the URL and the cause in words, instead of a backend traceback."""
+
+
+class StorageUnreachableError(StorageError):
+    """An object store's endpoint did not accept a connection within storage.connect_timeout_s."""
+
+
+_ERRNO_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "no space left (disk quota exceeded)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a path component is a file, not a directory",
+}
+_NETWORK_ERRNOS = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT
+}  # fmt: skip
+# Backend exception class names (botocore, google-auth, azure-core, aiohttp), matched by name so this
+# module imports none of them.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                   "CredentialUnavailableError"}  # fmt: skip
+_BAD_CREDENTIALS = {"ClientAuthenticationError", "RefreshError", "InvalidAccessKeyId"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                "ServerDisconnectedError", "ServiceRequestError", "ConnectionClosedError"}  # fmt: skip
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, its causes and contexts, and the per-rank failures a DCP CheckpointException holds."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        todo += [exc for exc, _ in (getattr(e, "failures", None) or {}).values()]
+
+
+def _one_line(error: BaseException) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(str(error).split()))
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def storage_cause(error: BaseException) -> str | None:
+    """The cause of a storage failure in words ("no space left on device", "permission denied (...)"),
+    or None when `error` is not one (a missing file, corrupt content, a bug)."""
+    for e in _chain(error):
+        names = {c.__name__ for c in type(e).__mro__}
+        if isinstance(e, StorageError):
+            return str(e)
+        if isinstance(e, OSError) and e.errno in _ERRNO_CAUSES:
+            return _ERRNO_CAUSES[e.errno]
+        if names & _NO_CREDENTIALS:
+            return f"no credentials found ({_one_line(e)}); {_CREDENTIALS_HINT}"
+        if names & _BAD_CREDENTIALS or isinstance(e, PermissionError):
+            return f"permission denied, wrong or insufficient credentials ({_one_line(e)})"
+        network = isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS
+        if network or names & _UNREACHABLE or isinstance(e, ConnectionError | TimeoutError | socket.gaierror):
+            return f"the store is unreachable ({_one_line(e)})"
+    return None
+
+
+_CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS or "
+    "AZURE_STORAGE_CONNECTION_STRING in the environment"
+)
+
+
+def describe_error(url: str, error: BaseException, action: str = "access") -> StorageError | None:
+    """A one-line StorageError naming `url` and the cause of `error`, or None when `error` is not a
+    storage failure (then the caller's own handling applies)."""
+    if isinstance(error, StorageError):
+        return error
+    cause = storage_cause(error)
+    if cause is None:
+        return None
+    if cause == _ERRNO_CAUSES[errno.ENOTDIR]:
+        cause = _file_in_path(url) or cause
+    return StorageError(f"cannot {action} {url}: {cause}")
+
+
+def _file_in_path(url: str) -> str | None:
+    """For a local URL: which ancestor of it is a file ("<path> is a file, not a directory")."""
+    if has_scheme(url) and not url.startswith("file://"):
+        return None
+    path = os.path.abspath(url.removeprefix("file://"))
+    while path != os.path.dirname(path):
+        path = os.path.dirname(path)
+        if os.path.isfile(path):
+            return f"{path} is a file, not a directory"
+    return None
+
+
+@contextlib.contextmanager
+def errors_named(url: str, action: str = "access") -> Iterator[None]:
+    """Re-raise a storage failure inside the block as a StorageError naming `url` and the cause
+    (describe_error); every other exception passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        described = describe_error(url, e, action)
+        if described is None or described is e:
+            raise
+        raise described from e
+
+
+# ------------------------------------------------------------------------------ reachable endpoints
+CONNECT_TIMEOUT_S = 30.0
+# Endpoints (host, port) that answered once in this process: each is probed once per run.
+_REACHED: set[tuple[str, int]] = set()
+
+
+def set_connect_timeout(seconds: float) -> None:
+    """How long url_to_fs waits for an object store's endpoint to accept a connection (config
+    storage.connect_timeout_s; the mains set it once the config is loaded)."""
+    global CONNECT_TIMEOUT_S
+    CONNECT_TIMEOUT_S = float(seconds)
+
+
+def _endpoint(protocol: str, options: Mapping[str, Any]) -> str | None:
+    """The explicit endpoint URL of an object-store URL's client (None: the cloud's default endpoint,
+    left to the client's own retries)."""
+    if protocol in ("s3", "s3a"):
+        return options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+    if protocol in ("gs", "gcs"):
+        return options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+    if protocol in _CONTAINER_STORES:
+        conn = options.get("connection_string") or os.environ.get("AZURE_STORAGE_CONNECTION_STRING", "")
+        m = re.search(r"BlobEndpoint=([^;]+)", conn)
+        return m.group(1) if m else None
+    return None
+
+
+def _proxied(scheme: str, host: str) -> bool:
+    """Whether requests to `host` go through an HTTP(S) proxy (then a direct probe proves nothing)."""
+    env = {k.lower(): v for k, v in os.environ.items()}
+    if not env.get(f"{scheme}_proxy"):
+        return False
+    no_proxy = [h.strip().lstrip(".") for h in env.get("no_proxy", "").split(",") if h.strip()]
+    return not any(h == "*" or host == h or host.endswith(f".{h}") for h in no_proxy)
+
+
+def check_reachable(url: str, options: Mapping[str, Any]) -> None:
+    """Fail within CONNECT_TIMEOUT_S, naming the URL and endpoint, when an object store's explicit
+    endpoint accepts no TCP connection: clients retry far longer (adlfs ~100 s, gcsfs ~33 s) before
+    their own error, which names neither. Retries with backoff until the deadline; once per endpoint."""
+    endpoint = _endpoint(url.split("://", 1)[0], options)
+    if not endpoint:
+        return
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    host, scheme = parts.hostname or "", parts.scheme or "http"
+    port = parts.port or (443 if scheme == "https" else 80)
+    if (host, port) in _REACHED or _proxied(scheme, host):
+        return
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    delay, error = 0.25, None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, left))):
+                _REACHED.add((host, port))
+                return
+        except OSError as e:
+            error = e
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 4.0)
+    raise StorageUnreachableError(
+        f"cannot reach {url}: endpoint {endpoint} accepted no connection within "
+        f"storage.connect_timeout_s={CONNECT_TIMEOUT_S:g}s ({_one_line(error)}); check the endpoint "
+        "(AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST, AZURE_STORAGE_CONNECTION_STRING, storage.options) "
+        "and the network"
+    )

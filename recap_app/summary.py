@@ -6,11 +6,18 @@ import argparse
 from collections.abc import Sequence
 
 from recap_app.checkpoint import list_steps
+from recap_app.errors import InputError, exit_on_input_error
 from recap_app.metrics_logger import read_metrics
-from recap_app.storage import join, ls
+from recap_app.storage import exists, join, ls
+
+
+class RunNotFoundError(InputError):
+    """`recap summary` of a URL that holds no run."""
 
 
 def summarize(run_url: str) -> str:
+    if not ls(run_url) and not exists(run_url):
+        raise RunNotFoundError(f"no run at {run_url} (nothing there; give the --output of a run)")
     lines = [f"run: {run_url}"]
     complete, partial = list_steps(join(run_url, "checkpoints"))
     lines.append(f"  checkpoints/: complete steps {complete}" + (f", partial {partial}" if partial else ""))
@@ -39,5 +46,6 @@ def summarize(run_url: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recap summary", description=__doc__)
     parser.add_argument("run", help="the run's output URL")
-    print(summarize(parser.parse_args(argv).run))
+    with exit_on_input_error():
+        print(summarize(parser.parse_args(argv).run))
     return 0

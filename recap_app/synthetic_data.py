@@ -7,7 +7,9 @@ Bernoulli(sigmoid(dense signal + sum of per-id latent signal + task bias)), with
 between 5 % and 30 %. The signal (feature weights, per-id latent vectors, biases) depends only on the
 config's shapes and ``signal_seed``; ``seed`` only draws the examples, so train and eval sets written
 with different seeds share the signal. Rows are drawn in fixed blocks, so the content depends on
-``seed`` and ``num_examples`` only, not on the file or row-group layout.
+``seed`` and ``num_examples`` only, not on the file or row-group layout. Tables with an ``id_transform``
+get raw 64-bit ids (any int64), whose signal follows the row the reader maps them to; each
+``model.dense_embeddings`` input is a standard normal vector that carries part of every task's signal.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from recap_app.config import RecapConfig, load_config
-from recap_app.data import Columns, Layout
+from recap_app.config import IdTransform, RecapConfig, load_config
+from recap_app.data import Columns, Layout, splitmix64, transform_ids
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import log
 from recap_app.storage import exists, join, url_to_fs, write
@@ -92,7 +94,12 @@ class _Signal:
             u = 0.6 * rng.standard_normal(_LATENT_DIM) + 0.8 * rng.standard_normal((t, _LATENT_DIM))
             u *= 1.0 / (np.linalg.norm(u, axis=1, keepdims=True) * math.sqrt(mean_len * f))
             self.w_sparse.append(u)
-        variance = 1.0 + (0.25 if b else 0.0) + (1.0 if f else 0.0)
+        # Dense embeddings (TwHIN-like): standard normal vectors, each worth std 0.5 of every task's logit.
+        self.w_dense = []
+        for _, dim in layout.dense_embeddings:
+            u = rng.standard_normal((t, dim))
+            self.w_dense.append(u * 0.5 / np.linalg.norm(u, axis=1, keepdims=True))
+        variance = 1.0 + (0.25 if b else 0.0) + (1.0 if f else 0.0) + 0.25 * len(self.w_dense)
         rates = np.array([_BASE_RATES[i % len(_BASE_RATES)] for i in range(t)])
         # E[sigmoid(a + X)] ~ sigmoid(a / sqrt(1 + pi var(X) / 8)) for Gaussian X.
         self.bias = np.log(rates / (1 - rates)) * math.sqrt(1 + math.pi * variance / 8)
@@ -129,13 +136,21 @@ class _Signal:
             np.cumsum(lengths, out=offsets[1:])
             popularity = np.minimum((size * rng.random(offsets[-1]) ** 2.5).astype(np.int64), size - 1)
             ids = (popularity * self.id_mult[f] + self.id_offset[f]) % size
-            per_id = self.latents(f, ids) @ self.w_sparse[f].T  # [n_ids, T]
+            if layout.transform_of(f) != IdTransform.NONE:
+                # Raw 64-bit ids as real logs carry them (negative and > 2^62 included); the signal
+                # follows the table row the reader maps each one to.
+                ids = splitmix64(ids ^ self.id_salt[f]).view(np.int64)
+            per_id = self.latents(f, transform_ids(ids, layout.transform_of(f), size)) @ self.w_sparse[f].T
             rows = np.repeat(np.arange(n), lengths)
             for k in range(t):
                 logits[:, k] += np.bincount(rows, weights=per_id[:, k], minlength=n)
             sparse.append((offsets, ids.astype(np.int64)))
+        dense = {}
+        for (name, dim), w in zip(layout.dense_embeddings, self.w_dense, strict=True):
+            dense[name] = rng.standard_normal((n, dim)).astype(np.float32)
+            logits += dense[name] @ w.T
         labels = (rng.random((n, t)) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-        return Columns(continuous, binary, sparse, labels, np.ones((n, t), dtype=np.float32))
+        return Columns(continuous, binary, sparse, labels, np.ones((n, t), dtype=np.float32), dense=dense)
 
     def rows(self, seed: int, start: int, stop: int) -> Columns:
         parts = []

@@ -7,6 +7,7 @@ GPU) so the same sharded code path and checkpoints are used. The work is the Tra
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from recap_app.config import RecapConfig, load_config
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import ALL_RANKS, log, setup_logging
+from recap_app.storage import set_connect_timeout
 
 if TYPE_CHECKING:  # torch and torchrec take seconds to import: main says so first, then imports them
     from recap_app.checkpoint import WriterFactory
@@ -38,6 +40,13 @@ def load_run_config(args: argparse.Namespace) -> RecapConfig:
     return config
 
 
+def check_before_start(config: RecapConfig) -> None:
+    """What the config alone can refuse, before any data is generated or a process group formed (a
+    batch that does not split over torchrun's WORLD_SIZE would otherwise fail after both)."""
+    set_connect_timeout(config.storage.connect_timeout_s)
+    config.data.per_rank_batch_size(int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -51,6 +60,7 @@ def main(
     start = time.perf_counter()
     with exit_on_input_error():
         config = load_run_config(args)  # a config error ends the run before the slow imports
+        check_before_start(config)
         log(f"recap train: output {config.training.save_dir}; loading torch and torchrec")
         import torch.distributed as dist
 

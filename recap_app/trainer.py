@@ -30,7 +30,7 @@ from recap_app.lease import OutputLease
 from recap_app.logs import log
 from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
-from recap_app.optimizers import learning_rate, set_learning_rate
+from recap_app.optimizers import set_learning_rates
 from recap_app.preemption import StepCoordinator, is_collective_failure, log_preempted
 from recap_app.run_record import append_run_record, config_summary
 from recap_app.storage import check_bucket, join
@@ -104,6 +104,7 @@ class Trainer:
         # Files listed and footers read once, before resuming: the row count sizes the data position.
         self.train_loader = self._train_loader()
         self.train_rows = self.train_loader.dataset.num_rows
+        self.corrupt_data = data.CorruptTally(self.train_loader.dataset, runtime.device)  # on_corrupt=skip
         self.data_start, self.start_step = data.DataPosition.fresh(0, self.train_rows), 0
         resumed = self.checkpointer.load()
         self.train_loader.dataset.start = self.data_start  # read when the loader is iterated
@@ -221,7 +222,7 @@ class Trainer:
             log(f"nothing to do: step {self.step} >= training.num_train_steps={total}")
             self.close()
             return {"step": self.step, "save_dir": self.config.training.save_dir}
-        batches = iter(self.train_loader)
+        batches = self.corrupt_data.watch(iter(self.train_loader))
         self.metrics.start(self.step, total, self.per_rank_batch, rt.world_size)
         log(
             f"training steps {self.step}..{total} on {rt.world_size} rank(s), batch {self.per_rank_batch}"
@@ -282,8 +283,7 @@ class Trainer:
     def train_step(self, batches: Iterator[RecapBatch]) -> dict[str, torch.Tensor]:
         """One optimizer step on the next batch (the pipeline already holds the following ones); under
         the skip policy a non-finite batch's update is left out and its losses are not logged."""
-        self.lr = learning_rate(self.step, self.config.optimizer.dense)
-        set_learning_rate(self.dense_optimizer, self.lr)
+        self.lr = set_learning_rates(self.dense_optimizer, self.step, self.config.optimizer)
         seed_step(self.config.training.seed, self.runtime.rank, self.step)
         self.pipeline.step = self.step + 1
         outputs = self.pipeline.progress(batches)
@@ -303,7 +303,8 @@ class Trainer:
         if log_now or eval_now or save_now or embed_now:
             self.guard.check()
         if log_now:
-            self.metrics.log(step, self.lr, {"nonfinite_skipped": self.guard.skipped})
+            extra = {"nonfinite_skipped": self.guard.skipped, **self.corrupt_data.reduce()}
+            self.metrics.log(step, self.lr, extra)
         if eval_now:
             self.last_eval = self.validate()
         if save_now or embed_now:

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +106,22 @@ def run(
     if check and res.returncode != 0:
         raise AssertionError(f"{what or cmd[:6]} exited with {res.returncode}; log tail:\n{res.tail()}")
     return res
+
+
+def wait_for(
+    what: str,
+    ready: Callable[[], bool],
+    proc: subprocess.Popen,
+    log: Path | None = None,
+    timeout: float = 120,
+) -> None:
+    """Poll `ready()` while `proc` runs; fail (with the log's tail) if it exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        tail = log.read_text(errors="replace")[-3000:] if log else ""
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}:\n{tail}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s:\n{tail}"
+        time.sleep(0.1)
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from e2e_lib import run
+from e2e_lib import run, wait_for
 
 from recap_app.lease import LEASE_FILE, OutputLease
 from recap_app.run_record import read_run_record
@@ -89,19 +89,11 @@ def _start(out: Path, log: Path, steps: int) -> subprocess.Popen:
         )  # fmt: skip
 
 
-def _wait_for(what: str, ready, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
-        time.sleep(0.1)
-
-
 def test_concurrent_runs_second_refuses_first_completes(tmp_path):
     out = tmp_path / "run"
     first = _start(out, tmp_path / "first.log", steps=300)
     try:
-        _wait_for("the first run's lease", (out / LEASE_FILE).exists, first)
+        wait_for("the first run's lease", (out / LEASE_FILE).exists, first)
         res = run([*RECAP, "--output", out, "training.num_train_steps=300", *SMALL], check=False, timeout=120)
         assert res.returncode == 1 and "is in use by another run" in res.output, res.tail()
         assert f"pid {first.pid}" in res.output
@@ -118,9 +110,7 @@ def test_rerun_after_kill_9_takes_its_lease_back(tmp_path):
     out = tmp_path / "run"
     first = _start(out, tmp_path / "first.log", steps=5000)
     try:
-        _wait_for(
-            "a checkpoint", lambda: (out / "checkpoints/step-50/.metadata").exists(), first, timeout=150
-        )
+        wait_for("a checkpoint", lambda: (out / "checkpoints/step-50/.metadata").exists(), first, timeout=150)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     finally:

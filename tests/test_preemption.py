@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from e2e_lib import run
+from e2e_lib import run, wait_for
 
 from recap_app.checkpoint import list_steps
 from recap_app.slurm_compat import create_scheduler
@@ -57,14 +57,6 @@ def _env_rank(pid: int) -> int | None:
     return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
 
 
-def _wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout}s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
-
-
 def test_sigterm_saves_the_step_reached_and_rerun_resumes_there(tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "torchx.log"
@@ -78,7 +70,7 @@ def test_sigterm_saves_the_step_reached_and_rerun_resumes_there(tmp_path):
             cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_for("step 40", lambda: "step 40/100000" in log.read_text(), job, log)
+        wait_for("step 40", lambda: "step 40/100000" in log.read_text(), job, log)
         (agent,) = _pids(str(out), "recap_app.launch")
         os.kill(agent, signal.SIGTERM)
         job.wait(timeout=60)
@@ -112,7 +104,7 @@ def test_stopped_rank_fails_the_job_in_bounded_time_naming_it(tmp_path):
     with open(log, "wb") as f:
         job = subprocess.Popen(cmd, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for("step 40", lambda: "step 40/100000" in log.read_text(), job, log)
+        wait_for("step 40", lambda: "step 40/100000" in log.read_text(), job, log)
         workers = [p for p in _pids(str(out), "recap_app.train") if _env_rank(p) is not None]
         (rank1,) = [p for p in workers if _env_rank(p) == 1]
         os.kill(rank1, signal.SIGSTOP)

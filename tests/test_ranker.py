@@ -451,7 +451,7 @@ def test_local_config_builds_and_runs():
     assert torch.isfinite(out["logits"]).all()
 
 
-def test_production_config_builds_on_meta_tables_with_44m_dense_params():
+def test_production_config_builds_on_meta_tables_with_51m_dense_params():
     config = load_config("production")
     ranker = RecapRanker(
         config.model,
@@ -460,11 +460,12 @@ def test_production_config_builds_on_meta_tables_with_44m_dense_params():
         embedding_device=torch.device("meta"),
     )
     assert len(config.task_names) == 10
-    assert ranker.input_dims == 2117 + 59 + 4 * 64
+    assert ranker.input_dims == 2117 + 59 + 4 * 64 + 3 * 200  # + the three TwHIN inputs
     assert all(w.is_meta for w in ranker.embedding_bag_collection.parameters())
     assert all(not p.is_meta for n, p in ranker.named_parameters() if not n.startswith("embedding_bag"))
-    # 4 mask blocks (3 * 2432 * 1024 weights each) + MLP 4096->2048 + 10 towers 2048-256-128-1 + norms.
+    # 4 mask blocks (3 * 3032 * 1024 weights each) + MLP 4096->2048 + 10 towers 2048-256-128-1 + norms;
+    # without the TwHIN inputs (600 more inputs, 3 layer norms of 200) it was 43_885_460.
     count = dense_parameter_count(ranker)
-    assert count == 43_885_460
-    assert 43e6 < count < 45e6
+    assert count == 43_885_460 + 4 * (3 * 600 * 1024 + 600) + 3 * 2 * 200
+    assert 51e6 < count < 52e6
     assert ranker.backbone.out_features == 2048

@@ -319,9 +319,9 @@ def author_table(num_embeddings: int, embedding_dim: int) -> str:
     """An override replacing the local config's tables with the author table resized."""
     return (
         "model.embeddings.tables=["
-        "{name: user, num_embeddings: 2000, embedding_dim: 16, feature_names: [user_id]},"
+        "{name: user, num_embeddings: 2000, embedding_dim: 16, feature_names: [user_id], id_transform: hash},"
         f" {{name: author, num_embeddings: {num_embeddings}, embedding_dim: {embedding_dim},"
-        " feature_names: [author_id]}]"
+        " feature_names: [author_id], id_transform: hash}]"
     )
 
 

@@ -8,7 +8,7 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from torchx import specs
 from torchx.components.dist import _TORCH_DEBUG_FLAGS, parse_nnodes
@@ -103,6 +103,40 @@ def _refuse_secrets(overrides: List[str], env: Optional[Dict[str, str]], urls: L
     for url in urls:
         if has_secret_value(url):
             raise ComponentValidationException(f"recap: error: a URL holds a credential: {SECRET_HINT}")
+
+
+def _check_j(j: str) -> Tuple[int, int, int]:
+    """(min nodes, max nodes, processes per node); a -j naming no process (1x0, 0x2) is refused before
+    an AppDef exists (TorchX would divide by zero)."""
+    try:
+        min_nnodes, max_nnodes, nproc, _ = parse_nnodes(j)
+    except (ValueError, AssertionError) as e:
+        raise ComponentValidationException(f"recap: error: -j {j}: expected NxP or MIN:MAXxP ({e})") from None
+    if nproc < 1 or min_nnodes < 1 or max_nnodes < min_nnodes:
+        raise ComponentValidationException(
+            f"recap: error: -j {j}: needs at least one node and one process per node (e.g. 1x2)"
+        )
+    return min_nnodes, int(max_nnodes), nproc
+
+
+def _check_shape(j: str, config: str, overrides: List[str]) -> None:
+    """_check_j, and for a fixed -j (not elastic MIN:MAX) a global batch that splits over its world size:
+    checked at submit time, not by a job that has already generated data and formed its process group
+    (an elastic job's world size is known only when it runs; the trainer checks it then, first thing)."""
+    min_nnodes, max_nnodes, nproc = _check_j(j)
+    if min_nnodes != max_nnodes or "://" in config:
+        return  # a remote config is read by the job itself (credentials may not be here)
+    from recap_app.config import ConfigError, load_config
+
+    try:
+        batch = load_config(config, overrides).data.global_batch_size
+    except ConfigError:
+        return  # the job reports it, with the same message
+    if batch % (max_nnodes * nproc):
+        raise ComponentValidationException(
+            f"recap: error: data.global_batch_size={batch} must be divisible by the world size "
+            f"{max_nnodes * nproc} (-j {j})"
+        )
 
 
 def torchrun_role(
@@ -211,6 +245,7 @@ def train(
         debug: enable torch.distributed debug flags
     """
     _refuse_secrets(list(overrides), env, [config, output])
+    _check_shape(j, config, list(overrides))
     output = _job_path("output", output, image, mounts, output=True)
     args = ["--config", config, "--output", output, *overrides]
     role = torchrun_role(
@@ -260,6 +295,7 @@ def evaluate(
         num_batches: at most this many batches per rank (0: the whole dataset, every example once)
     """
     _refuse_secrets(list(overrides), env, [config, checkpoint, data, output])
+    _check_j(j)
     checkpoint = _job_path("checkpoint", checkpoint, image, mounts, output=False)
     data = _job_path("data", data, image, mounts, output=False)
     output = _job_path("output", output, image, mounts, output=True)
