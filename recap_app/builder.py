@@ -50,7 +50,9 @@ def build_sharded_model(config: RecapConfig, runtime: Runtime) -> torch.nn.Modul
         runtime.device,
         sharding_constraints=constraints,
         use_row_wise_cpu_sharder=config.training.use_row_wise_cpu_sharder,
-        batch_size=config.data.per_rank_batch_size(runtime.world_size),
+        # The planner's estimate of a rank's batch; evaluation takes any world size (the Trainer checks
+        # that training's global batch divides).
+        batch_size=-(-config.data.global_batch_size // runtime.world_size),
     )
 
 

@@ -48,12 +48,46 @@ def _commands() -> dict[str, Callable[[Sequence[str]], int]]:
     }
 
 
+PURPOSES = {
+    "train": "train the ranker (one process here; torchx run recap.train for torchrun and clusters)",
+    "evaluate": "score a checkpoint on a Parquet dataset, every example once; writes eval_metrics.json",
+    "generate-data": "write a synthetic, learnable Parquet dataset for a config",
+    "export": "write a sharded checkpoint as one plain ranker state dict (model.pt)",
+    "summary": "list a run's checkpoints, embedding logs and last metrics",
+}
+
+
+def usage() -> str:
+    width = max(map(len, PURPOSES))
+    lines = [f"  {name:<{width}}  {what}" for name, what in PURPOSES.items()]
+    return "\n".join(
+        [
+            "usage: recap COMMAND [args...]",
+            "",
+            "Train and evaluate Twitter's Recap heavy ranker with sharded torchrec embeddings.",
+            "",
+            "commands:",
+            *lines,
+            "",
+            "`recap COMMAND --help` for a command's options.",
+        ]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = _commands()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: recap {" + ",".join(commands) + "} [args...]   (recap COMMAND --help for more)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in commands:
+        problem = "no command given" if not argv else f"unknown command {argv[0]!r}"
+        print(
+            f"usage: recap COMMAND [args...]\nrecap: error: {problem} (choose from {', '.join(commands)}; "
+            "recap --help says what each does)",
+            file=sys.stderr,
+        )
+        return 2
     return commands[argv[0]](argv[1:])
 
 

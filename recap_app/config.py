@@ -20,6 +20,8 @@ from recap_app.storage import errors_named, has_secret_value, is_secret_key
 class ConfigError(InputError, ValueError):
     """A config that cannot be used: not found, not YAML, a bad override or a failed validation."""
 
+    every_rank = True
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
@@ -409,6 +411,7 @@ class EmbeddingLogConfig(StrictModel):
 
     every_n: int = Field(0, ge=0)
     tables: list[str] | None = None  # None: every table
+    keep_latest_k: int = Field(3, ge=0)  # step folders kept, the newest; 0: keep all
 
 
 class StorageConfig(StrictModel):

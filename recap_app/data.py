@@ -379,6 +379,12 @@ def _dense(table: pa.Table, name: str, width: int, where: str) -> np.ndarray:
     values = arr.flatten()
     if name == BINARY:
         values = pc.fill_null(values, 0)
+    elif values.null_count:  # NaN is the way to say "missing" here; a null would pass as NaN, unnoticed
+        row = int(np.flatnonzero(pc.is_null(values).to_numpy(zero_copy_only=False))[0]) // width
+        raise ParquetSchemaError(
+            f"{where}: column {name!r} holds {values.null_count} null value(s) inside its lists, first in "
+            f"row {row} (write NaN for a missing value)"
+        )
     return np.array(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width)
 
 

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torchx.schedulers.docker_scheduler import CONTAINER_STATE, DockerScheduler
-from torchx.specs import AppState
+from torchx.specs import AppDef, AppState
+
+from recap_app.scheduler_compat import require_images
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
@@ -43,6 +45,9 @@ def container_state(status: str, exit_code: Callable[[], int]) -> AppState:
 
 class RecapDockerScheduler(DockerScheduler):
     """torchx 0.7.0's ``local_docker``; reads podman's container states as well as Docker's."""
+
+    def _validate(self, app: AppDef, scheduler: str) -> None:
+        require_images(app, scheduler)
 
     def _get_app_state(self, container: Container) -> AppState:
         # As torchx: Docker has no succeeded/failed states, the exit code from wait() tells.

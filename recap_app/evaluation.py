@@ -112,6 +112,12 @@ class Validator:
         )
 
 
+def eval_batch_size(global_batch_size: int, world_size: int) -> int:
+    """Per-rank eval batch: the global batch over the ranks, rounded up. Scores do not depend on it (every
+    example once, padding weighs nothing), so evaluation runs on any world size, unlike training."""
+    return -(-global_batch_size // world_size)
+
+
 def one_pass_loader(url: str, config: RecapConfig, runtime: Runtime) -> tuple[DataLoader, int]:
     """Every example of `url` once over the ranks: (loader, this rank's real rows). Every rank gets as
     many full batches (zero-weight padding after its real rows), as a sharded model's collectives need.
@@ -120,7 +126,7 @@ def one_pass_loader(url: str, config: RecapConfig, runtime: Runtime) -> tuple[Da
     loader = data.make_dataloader(
         url,
         config,
-        config.data.per_rank_batch_size(runtime.world_size),
+        eval_batch_size(config.data.global_batch_size, runtime.world_size),
         runtime.rank,
         runtime.world_size,
         num_workers=0,

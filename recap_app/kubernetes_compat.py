@@ -22,7 +22,7 @@ from torchx.schedulers.api import DescribeAppResponse, ListAppResponse
 from torchx.schedulers.kubernetes_scheduler import JOB_STATE, TASK_STATE, KubernetesJob, KubernetesScheduler
 from torchx.specs import AppDef, AppDryRunInfo, AppState, runopts
 
-from recap_app.scheduler_compat import describe_response
+from recap_app.scheduler_compat import describe_response, require_images
 
 # Volcano's job phases (volcano.sh/apis batch/v1alpha1 JobPhase), every one of them mapped.
 VOLCANO_JOB_STATES: dict[str, AppState] = {
@@ -72,6 +72,9 @@ class RecapKubernetesScheduler(KubernetesScheduler):
         for task in info.request.resource["spec"]["tasks"]:
             task["template"].spec.termination_grace_period_seconds = grace
         return info
+
+    def _validate(self, app: AppDef, scheduler: str) -> None:
+        require_images(app, scheduler)
 
     def describe(self, app_id: str) -> DescribeAppResponse | None:
         from kubernetes.client.rest import ApiException

@@ -7,22 +7,25 @@ import os
 import sys
 import warnings
 
-import torch.distributed as dist
-
 ALL_RANKS = -1
 logger = logging.getLogger("recap")
 
 
 def current_rank() -> int:
-    if dist.is_available() and dist.is_initialized():
+    # torch.distributed only if something imported it already (no process group can exist otherwise):
+    # logging must not cost torch's import, so a main can speak before it.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Idempotent: one stderr handler with the rank in every line."""
+def setup_logging(level: int | str | None = None) -> None:
+    """Idempotent: one stderr handler with the rank in every line, at `level`, else $RECAP_LOG_LEVEL
+    (e.g. DEBUG), else INFO. (LOGLEVEL is torchrun's own.)"""
     if logger.handlers:
         return
+    level = level or os.environ.get("RECAP_LOG_LEVEL", "").upper() or logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s [rank {current_rank()}] %(levelname)s %(message)s", "%H:%M:%S")

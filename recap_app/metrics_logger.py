@@ -1,15 +1,18 @@
 """The trainer's metrics component: the loss window, throughput / ETA, metrics.jsonl and TensorBoard.
 
-Every rank takes part in the window's all-reduce; rank 0 alone logs and writes. A write that fails (the
-store is unreachable) is logged and training goes on, as for a periodic checkpoint: the record stays
-queued and goes out with the next write, which rewrites the whole file.
+Every rank takes part in the window's all-reduce; rank 0 alone logs and writes, on a background thread: a
+store that hangs or is down never blocks a step. A write that fails is logged and training goes on, as for
+a periodic checkpoint: the record stays queued and goes out with the next write, which rewrites the whole
+file.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,42 +36,103 @@ def read_metrics(url: str, storage_options: Mapping[str, Any] | None = None) -> 
 
 class MetricsWriter:
     """Rank 0's sink: `{output}/metrics.jsonl` through fsspec (rewritten whole, since object stores cannot
-    append) and TensorBoard event files under `{output}/tensorboard/` for local outputs."""
+    append) and TensorBoard event files under `{output}/tensorboard/` for local outputs.
+
+    Writes never block training: `write` queues the record and returns; a background thread rewrites the
+    file with every record so far. A store that hangs or is down delays the file, not the steps; a failed
+    rewrite is logged and its records go out with the next one. `close` (also run at exit) waits for the
+    last rewrite at most `close_timeout_s`. TensorBoard's folder is created at the first record, so a run
+    with nothing to do adds no empty event file."""
 
     def __init__(
-        self, output_url: str, storage_options: Mapping[str, Any] | None = None, resume_step: int = 0
+        self,
+        output_url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        resume_step: int = 0,
+        close_timeout_s: float = 60.0,
     ) -> None:
         self.url = join(output_url, "metrics.jsonl")
         self.storage_options = dict(storage_options or {})
+        self.close_timeout_s = close_timeout_s
         self.records = [
             r for r in read_metrics(self.url, self.storage_options) if r.get("step", 0) <= resume_step
         ]
-        self.tensorboard = None
-        tb_url = join(output_url, "tensorboard")
+        self.tensorboard: Any = None
+        self._tb_dir: str | None = None
         if not has_scheme(output_url) or output_url.startswith("file://"):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(tb_url.removeprefix("file://"))
+            self._tb_dir = join(output_url, "tensorboard").removeprefix("file://")
         else:
             log(f"TensorBoard events are written for local outputs only; metrics stay in {self.url}")
+        self._queued: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="metrics-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # a run that fails still leaves the records it logged
 
     def write(self, record: Mapping[str, Any]) -> None:
+        """Queue one record (non-finite floats become null); returns at once."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.records.append(clean)
-        write(
-            self.url,
-            "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records),
-            self.storage_options,
-        )
-        if self.tensorboard is not None:
-            step = int(record["step"])
+        with self._cond:
+            self._queued.append(clean)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        dirty = False  # records the file does not have yet (the last rewrite failed)
+        while True:
+            with self._cond:
+                while not self._queued and not self._closing:
+                    self._cond.wait()
+                batch, self._queued, closing = self._queued, [], self._closing
+            if batch or dirty:
+                self.records.extend(batch)
+                dirty = not self._rewrite()
+                self._tensorboard(batch)
+            if closing:
+                return
+
+    def _rewrite(self) -> bool:
+        try:
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+            write(self.url, text, self.storage_options)
+            return True
+        except Exception as e:
+            log(
+                f"metrics write to {self.url} failed; training continues, the next write retries: {e!r}",
+                level=logging.WARNING,
+            )
+            return False
+
+    def _tensorboard(self, records: Sequence[Mapping[str, Any]]) -> None:
+        if self._tb_dir is None or not records:
+            return
+        if self.tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(self._tb_dir)
+        for record in records:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self.tensorboard.add_scalar(k, v, step)
-            self.tensorboard.flush()
+                    self.tensorboard.add_scalar(k, v, int(record["step"]))
+        self.tensorboard.flush()
 
     def close(self) -> None:
-        if self.tensorboard is not None:
+        """Write what is queued and stop, waiting at most close_timeout_s (then the file may lack the last
+        records: said in the log)."""
+        atexit.unregister(self.close)
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(self.close_timeout_s)
+        if self._thread.is_alive():
+            log(
+                f"metrics write to {self.url} still running after {self.close_timeout_s:.0f}s; its last "
+                "records may be missing",
+                level=logging.WARNING,
+            )
+        elif self.tensorboard is not None:
             self.tensorboard.close()
 
 
@@ -162,14 +226,8 @@ class MetricsLogger:
         self._write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
 
     def _write(self, record: Mapping[str, Any]) -> None:
-        if self.writer is None:
-            return
-        try:
-            self.writer.write(record)
-        except Exception as e:
-            log(
-                f"metrics write to {self.writer.url} failed; training continues: {e!r}", level=logging.WARNING
-            )
+        if self.writer is not None:
+            self.writer.write(record)  # queued: a slow or unreachable store never blocks a step
 
     def close(self) -> None:
         if self.writer is not None:

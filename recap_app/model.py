@@ -234,7 +234,8 @@ def log_sharded_tensor_content(
     """
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
-    log(f"embedding {table_name} ({weight_name})", rank=ALL_RANKS)
+    # One INFO line per table, on rank 0; where each rank's shards lie is DEBUG (LOGLEVEL=DEBUG).
+    log(f"embedding {table_name} ({weight_name})", rank=ALL_RANKS, level=logging.DEBUG)
     if isinstance(weight_tensor, ShardedTensor):
         for shard in weight_tensor.local_shards():
             md = shard.metadata
@@ -242,6 +243,7 @@ def log_sharded_tensor_content(
                 f"  {table_name} local shard offsets={md.shard_offsets} sizes={md.shard_sizes} "
                 f"placement={md.placement}",
                 rank=ALL_RANKS,
+                level=logging.DEBUG,
             )
         meta = weight_tensor.metadata()
         dtype = meta.tensor_properties.dtype
@@ -251,11 +253,14 @@ def log_sharded_tensor_content(
         full = weight_tensor.detach().to("cpu", copy=True) if rank == 0 else None
     if full is None:
         return None
-    log(f"  {table_name} content: {_summary(full)}")
     if logging.getLogger("recap").isEnabledFor(logging.DEBUG):
         log(f"  {table_name} values:\n{full}", level=logging.DEBUG)
-    if output_url is not None:
-        save_embedding_table(full, output_url, table_name, storage_options)
+    written = (
+        ""
+        if output_url is None
+        else f" -> {save_embedding_table(full, output_url, table_name, storage_options)}"
+    )
+    log(f"embedding {table_name}: {_summary(full)}{written}")
     return full
 
 
@@ -274,14 +279,25 @@ def save_embedding_table(
     buf = io.BytesIO()
     np.save(buf, table.detach().cpu().float().numpy())
     write(url, buf.getvalue(), storage_options)
-    log(f"  wrote {url}")
     return url
 
 
 def load_embedding_table(
-    output_url: str, table_name: str, storage_options: Mapping[str, Any] | None = None
+    output_url: str,
+    table_name: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    step: int | None = None,
 ) -> torch.Tensor:
-    """Read a table written by `log_sharded_tensor_content(..., output_url=...)` as a [rows, dim] tensor."""
+    """One table of an embedding dump as a float32 [rows, dim] torch tensor.
+
+    `output_url` is a step folder (`<run>/embeddings/step-200`, what `log_sharded_tensor_content` was
+    given), or the run's `--output` with `step=200`. Without torch, the file is plain NumPy:
+    `numpy.load("<run>/embeddings/step-200/user.npy")`; on an object store
+    `with fsspec.open("s3://b/run/embeddings/step-200/user.npy", "rb") as f: table = numpy.load(f)`.
+    """
+    if step is not None:
+        output_url = f"{output_url.rstrip('/')}/embeddings/step-{step}"
     url = _table_url(output_url, table_name)
     fs, path = url_to_fs(url, storage_options)
     with fs.open(path, "rb") as f:

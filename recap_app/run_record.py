@@ -34,6 +34,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def config_summary(config: RecapConfig) -> str:
+    """One log line for the resolved config; the whole of it (redacted) is in the run record."""
+    dc, save_dir = config.data, config.training.save_dir
+    tables = ", ".join(
+        f"{t.name} {t.num_embeddings}x{t.embedding_dim}" for t in config.model.embeddings.tables
+    )
+    data = f"{dc.train_url} (eval {dc.eval_url or 'synthetic'})" if dc.train_url else "synthetic"
+    return redact(
+        f"config: {len(config.model.tasks)} tasks, {len(config.model.embeddings.tables)} embedding tables "
+        f"({tables or 'none'}), {dc.num_continuous} continuous + {dc.num_binary} binary features, "
+        f"global batch {dc.global_batch_size}, {config.training.num_train_steps} steps, data {data}; "
+        f"the full resolved config (secrets redacted) is in {join(save_dir, RUN_RECORD)}"
+    )
+
+
 def read_run_record(output: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     fs, path = url_to_fs(join(output, RUN_RECORD), storage_options)
     if not fs.exists(path):

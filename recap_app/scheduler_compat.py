@@ -5,7 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torchx.schedulers.api import DescribeAppResponse
-from torchx.specs import AppState, ReplicaStatus, Role, RoleStatus
+from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus
+
+from recap_app.errors import SubmitError
+
+
+def require_images(app: AppDef, scheduler: str) -> None:
+    """Container schedulers run each role in its image: refuse a role without one (recap's components
+    leave `--image` empty to mean "this machine", whose paths a container does not have)."""
+    for role in app.roles:
+        if not role.image:
+            raise SubmitError(
+                f"-s {scheduler} runs role {role.name!r} in a container image: pass --image, e.g. --image "
+                "ghcr.io/your-org/recap:0.1.0-cpu (`make image IMAGE_REPO=ghcr.io/your-org/recap` builds it)"
+            )
 
 
 def describe_response(

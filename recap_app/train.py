@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
-
-from recap_app.checkpoint import WriterFactory
 from recap_app.config import RecapConfig, load_config
-from recap_app.distributed import setup_distributed
 from recap_app.errors import exit_on_input_error
 from recap_app.logs import ALL_RANKS, log, setup_logging
-from recap_app.preemption import PREEMPTED_EXIT_CODE
 from recap_app.storage import set_connect_timeout
-from recap_app.trainer import Trainer, TrainerCallback
+
+if TYPE_CHECKING:  # torch and torchrec take seconds to import: main says so first, then imports them
+    from recap_app.checkpoint import WriterFactory
+    from recap_app.trainer import TrainerCallback
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,11 +57,20 @@ def main(
     for programs that wrap this main, such as the fault-injection tests)."""
     setup_logging()
     args = parse_args(argv)
+    start = time.perf_counter()
     with exit_on_input_error():
-        config = load_run_config(args)
+        config = load_run_config(args)  # a config error ends the run before the slow imports
         check_before_start(config)
+        log(f"recap train: output {config.training.save_dir}; loading torch and torchrec")
+        import torch.distributed as dist
+
+        from recap_app.distributed import setup_distributed
+        from recap_app.preemption import PREEMPTED_EXIT_CODE
+        from recap_app.trainer import Trainer
+
         runtime = setup_distributed(config.training.collective_timeout_s)
-        log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device}", rank=ALL_RANKS)
+        took = time.perf_counter() - start
+        log(f"rank {runtime.rank}/{runtime.world_size} on {runtime.device} ({took:.1f} s)", rank=ALL_RANKS)
         try:
             trainer = Trainer(
                 config, runtime, callbacks=callbacks, checkpoint_writer_factory=checkpoint_writer_factory

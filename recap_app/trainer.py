@@ -32,8 +32,8 @@ from recap_app.metrics_logger import MetricsLogger, MetricsWriter
 from recap_app.nonfinite import GuardedTrainPipeline, NonFiniteError, NonFiniteGuard
 from recap_app.optimizers import set_learning_rates
 from recap_app.preemption import StepCoordinator, is_collective_failure, log_preempted
-from recap_app.run_record import append_run_record
-from recap_app.storage import check_bucket, join, redact
+from recap_app.run_record import append_run_record, config_summary
+from recap_app.storage import check_bucket, join
 from recap_app.synthetic_data import ensure_synthetic_data
 
 
@@ -67,7 +67,7 @@ class Trainer:
         self.preempted: str | None = None
         self.per_rank_batch = config.data.per_rank_batch_size(runtime.world_size)
         tc = config.training
-        log(f"config: {json.dumps(redact(config.model_dump(mode='json')), sort_keys=True)}")
+        log(config_summary(config))
         check_bucket(tc.save_dir, config.storage.options)  # a missing bucket is an error, never created
         self.lease = OutputLease(
             tc.save_dir,

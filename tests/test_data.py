@@ -219,6 +219,23 @@ def test_variable_lists_of_the_right_width_are_accepted(config, tmp_path):
         list(data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False))
 
 
+@pytest.mark.parametrize("list_type", [pa.list_(pa.float32()), pa.list_(pa.float32(), 4)])
+def test_null_inside_a_continuous_list_is_named(config, tmp_path, list_type):
+    """A null element (not a null row) of `continuous` was read as NaN, then zero-filled: silently."""
+    cols = hand_made_columns(config)
+    cols["continuous"] = pa.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, None, 10, None]], list_type)
+    url = write(tmp_path / "holes.parquet", cols)
+    with pytest.raises(
+        data.ParquetSchemaError,
+        match=r"holes\.parquet row group 0: column 'continuous' holds 2 null value\(s\) inside its "
+        r"lists, first in row 2 \(write NaN",
+    ):
+        list(data.ParquetBatchReader(url, config, 8, 0, 1, repeat=False))
+    cols["continuous"] = pa.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, float("nan"), 10, 11]], list_type)
+    (batch,) = data.ParquetBatchReader(write(tmp_path / "nan.parquet", cols), config, 8, 0, 1, repeat=False)
+    assert math.isnan(batch.continuous_features[2, 1]) and batch.continuous_features[2, 2] == 10
+
+
 def test_missing_columns_are_named_with_the_file(config, tmp_path):
     cols = hand_made_columns(config)
     del cols["user_id"], cols["label/recap.engagement.is_replied"]

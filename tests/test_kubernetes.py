@@ -5,7 +5,7 @@
    run it (with Volcano's svc-plugin host variables), so the rendezvous endpoint really resolves to
    the rank-0 task.
 2. Offline validation: the Volcano Job CRD's openAPIV3Schema (jsonschema, unknown fields rejected as
-   the API server's strict field validation would; skipped when ../shared/volcano is absent), a round
+   the API server's strict field validation would; skipped without the CRD file, see CRD), a round
    trip through the kubernetes client models, and kubernetes-validate on the pod templates.
 3. Submit, status and cancel against a Kubernetes API emulator on 127.0.0.1 (tests/k8s_emulator.py):
    once through the `torchx` CLI, once through the TorchX runner API, asserting on what the emulator
@@ -37,7 +37,10 @@ from kmock import action
 from torchx_components import recap
 
 REPO = Path(__file__).resolve().parents[1]
-CRD = REPO.parent / "shared" / "volcano" / "batch.volcano.sh_jobs.yaml"
+# Test data, not in the project: volcano-sh/volcano's config/crd/volcano/bases/batch.volcano.sh_jobs.yaml
+CRD = Path(
+    os.environ.get("RECAP_VOLCANO_CRD") or REPO.parent / "shared" / "volcano" / "batch.volcano.sh_jobs.yaml"
+)
 
 IMAGE = "ghcr.io/x/recap:1"
 NAMESPACE, QUEUE = "ml", "default"
@@ -121,9 +124,8 @@ def svc_plugin_env(job: dict[str, Any]) -> dict[str, str]:
 
 
 def run_container_command(container: dict[str, Any], extra_env: dict[str, str], tmp: Path) -> list[str]:
-    """Run the container's command with bash as the pod would, with `python3` replaced by a stub
-    that prints its argv. The command first tries the submitting host's interpreter path; in the image
-    that path does not exist, so point it at a missing file to take the image's `python3`."""
+    """Run the container's command with bash as the pod would, with the image's `python3` replaced by a
+    stub that prints its argv."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
     stub = bin_dir / "python3"
@@ -132,8 +134,8 @@ def run_container_command(container: dict[str, Any], extra_env: dict[str, str], 
     stub.chmod(0o755)
     entry, *args = container["command"]
     assert [entry, args[0]] == ["bash", "-c"] and len(args) == 2, container["command"]
-    script, n = re.subn(r"^PY=\S+;", "PY=/nonexistent/bin/python3;", args[1])
-    assert n == 1, f"command no longer starts with the PY= fallback: {args[1]}"
+    script = args[1]
+    assert script.startswith("exec python3 "), script  # the image's interpreter, no path of the host
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", **env_of(container), **extra_env}
     out = subprocess.run(
         ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=True
@@ -255,6 +257,39 @@ def test_dryrun_resources_image_env(dryrun: dict[str, Any]) -> None:
         assert secret not in text and secret not in dryrun["stderr"]
 
 
+def test_dryrun_carries_nothing_of_the_submitting_machine(dryrun: dict[str, Any]) -> None:
+    """No interpreter, checkout or home path of the host in the Job: the pods have none of them."""
+    text = dryrun["stdout"].partition("=== SCHEDULER REQUEST ===")[2]
+    for path in {str(REPO), sys.prefix, sys.executable, os.path.realpath(sys.executable), str(Path.home())}:
+        assert path not in text, path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # No --output: .torchxconfig's default, a relative path of this checkout.
+        (["--image", IMAGE], "--output runs/recap-local is a path on the submitting machine"),
+        (["--image", IMAGE, "--output", "/data/runs/x"], "--output /data/runs/x is not on a mounted volume"),
+        (
+            ["--output", "s3://bucket/run"],
+            "-s kubernetes runs role 'trainer' in a container image: pass --image",
+        ),
+    ],
+)
+def test_dryrun_refuses_what_the_pod_would_lose(args: list[str], message: str, tmp_path: Path) -> None:
+    """An output the pod would write into its own throwaway filesystem, or no image at all, is refused
+    at submit time with one `recap: error:` line (no traceback), before anything reaches a cluster."""
+    proc = torchx_cli([*RUN_ARGS, "--dryrun", "recap.train", "-j", "2x2", *args], tmp_path)
+    assert proc.returncode == 1, proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"recap: error: {message}"), proc.stderr
+    assert "Traceback" not in proc.stderr and "SCHEDULER REQUEST" not in proc.stdout
+    mounted = ["--image", IMAGE, "--output", "/data/runs/x", "--mounts", "type=volume,src=runs,dst=/data"]
+    if "/data" in message:  # the same path on a mounted volume (a PVC) is accepted
+        proc = torchx_cli([*RUN_ARGS, "--dryrun", "recap.train", "-j", "2x2", *mounted], tmp_path)
+        assert proc.returncode == 0 and "claimName: runs" in proc.stdout, proc.stderr
+
+
 def test_container_command_reaches_rank0_and_trainer(dryrun: dict[str, Any], tmp_path: Path) -> None:
     job = dryrun["job"]
     name = job["metadata"]["name"]
@@ -298,7 +333,10 @@ def test_gpu_requests_nvidia_gpu() -> None:
 
 def test_volcano_crd_schema(dryrun: dict[str, Any]) -> None:
     if not CRD.exists():
-        pytest.skip(f"Volcano Job CRD not found at {CRD} (test data in ../shared/volcano)")
+        pytest.skip(
+            f"Volcano Job CRD not found at {CRD}: set RECAP_VOLCANO_CRD to a copy of volcano-sh/volcano's "
+            "config/crd/volcano/bases/batch.volcano.sh_jobs.yaml (README, On Kubernetes)"
+        )
     job = dryrun["job"]
     assert crd_errors(job) == []
     # The statuses the emulator tests set are ones Volcano could write.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from recap_testlib import NUM_BINARY, NUM_CONTINUOUS, TASKS, make_examples, tiny
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
+from recap_app.config import EmbeddingLogConfig
+from recap_app.embedding_logger import EmbeddingLogger
+from recap_app.logs import setup_logging
 from recap_app.loss import build_multi_task_loss
 from recap_app.model import (
     CpuRowWiseEmbeddingBagCollectionSharder,
@@ -169,6 +173,39 @@ def test_embedding_weights_of_unsharded_model():
     }
 
 
+def test_embedding_logger_writes_selected_tables_and_keeps_the_latest_k(tmp_path: Path):
+    """Dumps at steps 10..50 with keep_latest_k=2 leave step-40 and step-50; an empty table selection
+    writes nothing and claims nothing; the log is one INFO line per table plus one per dump."""
+    model = ModelAndLoss(
+        RecapRanker(tiny_model_config(), NUM_CONTINUOUS, NUM_BINARY), build_multi_task_loss(TASKS)
+    )
+    root = tmp_path / "embeddings"
+    emb = EmbeddingLogger(EmbeddingLogConfig(every_n=10, tables=["t1"], keep_latest_k=2), str(root))
+    setup_logging()  # before adding a handler: it sets up the logger only while it has none
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("recap").addHandler(handler)
+    try:
+        for step in range(10, 60, 10):
+            assert emb.maybe_log(model, step) == str(root / f"step-{step}")
+            emb.join_purger()
+        assert emb.maybe_log(model, 55) is None  # not a logging step
+    finally:
+        logging.getLogger("recap").removeHandler(handler)
+    assert sorted(p.name for p in root.iterdir()) == ["step-40", "step-50"]
+    assert [p.name for p in (root / "step-50").iterdir()] == ["t1.npy"]
+    info = [r.getMessage() for r in records if r.levelno >= logging.INFO and "step 50" in r.getMessage()]
+    assert info == [f"step 50: 1 embedding table(s) written to {root}/step-50"]
+    per_table = [r.getMessage() for r in records if r.getMessage().startswith("embedding t1")]
+    assert len(per_table) == 5 and per_table[-1].endswith(f"-> {root}/step-50/t1.npy")
+    assert emb.purge() == []  # nothing left to delete
+
+    none = EmbeddingLogger(EmbeddingLogConfig(tables=[]), str(tmp_path / "none"))
+    assert none.maybe_log(model, 7, last_step=True) is None
+    assert not (tmp_path / "none").exists()
+
+
 def test_log_plain_tensor_returns_a_detached_copy():
     weight = torch.nn.Parameter(torch.randn(5, 3))
     full = log_sharded_tensor_content("w", "table", weight)
@@ -196,6 +233,19 @@ def test_log_writes_and_loads_back(tmp_path: Path, style: str):
     assert loaded.dtype == torch.float32 and torch.equal(loaded, weight)
     # A trailing slash on the URL names the same file.
     assert torch.equal(load_embedding_table(url + "/", "user"), weight)
+
+
+def test_load_by_run_and_step_and_with_numpy_alone(tmp_path: Path):
+    """What load_embedding_table's docstring promises: a run URL + step, and the file read by NumPy alone
+    (plainly, and through fsspec as for an object store)."""
+    import fsspec
+
+    weight = torch.randn(7, 3)
+    log_sharded_tensor_content("w", "user", weight, output_url=f"{tmp_path}/run/embeddings/step-40")
+    assert torch.equal(load_embedding_table(f"file://{tmp_path}/run", "user", step=40), weight)
+    np.testing.assert_array_equal(np.load(tmp_path / "run/embeddings/step-40/user.npy"), weight.numpy())
+    with fsspec.open(f"file://{tmp_path}/run/embeddings/step-40/user.npy", "rb") as f:
+        np.testing.assert_array_equal(np.load(f), weight.numpy())
 
 
 def test_log_without_output_url_writes_nothing(tmp_path: Path, monkeypatch):

@@ -169,7 +169,8 @@ def test_torchx_dryrun_never_prints_a_secret(scheduler: str, tmp_path: Path):
         "--workspace",
         "",
     ]
-    train = ["recap.train", "--output", "s3://bucket/run", "--"]
+    image = ["--image", "ghcr.io/x/recap:1"] if scheduler == "kubernetes" else []  # pods need one
+    train = ["recap.train", *image, "--output", "s3://bucket/run", "--"]
 
     refused = run([*base, *train, REFUSED[0][0]], env=env, cwd=tmp_path, timeout=120, check=False)
     assert refused.returncode == 1, refused.tail()

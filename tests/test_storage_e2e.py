@@ -38,6 +38,7 @@ from recap_app.config import load_config
 from recap_app.export import load_unsharded
 from recap_app.model import load_embedding_table
 from recap_app.ranker import RecapRanker
+from recap_app.run_record import read_run_record
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -425,11 +426,16 @@ def test_storage_options_secret_redacted(warm_start: WarmStart):
     log = warm_start.result.output
     assert_no_secrets(log, "warm start log")
     config_lines = [ln for ln in log.splitlines() if " INFO config: " in ln]
-    assert len(config_lines) == 2, config_lines  # one per job, rank 0 only
-    for line in config_lines:
-        logged = json.loads(line.split(" INFO config: ", 1)[1])
-        assert logged["storage"]["options"]["secret"] == storage.REDACTED
-        assert logged["storage"]["options"]["endpoint_url"] == warm_start.storage_options["endpoint_url"]
+    assert len(config_lines) == 2, config_lines  # one summary line per job, rank 0 only
+    for line, output in zip(config_lines, (warm_start.output, f"{warm_start.output}-mismatch"), strict=True):
+        assert line.endswith(f"the full resolved config (secrets redacted) is in {output}/runs.jsonl"), line
+    # The full config, in the run record of the job that started (the mismatched one failed before).
+    (record,) = read_run_record(warm_start.output, warm_start.storage_options)
+    options = record["config"]["storage"]["options"]
+    assert options["secret"] == storage.REDACTED
+    assert options["endpoint_url"] == warm_start.storage_options["endpoint_url"]
+    fs, path = storage.url_to_fs(f"{warm_start.output}/runs.jsonl", warm_start.storage_options)
+    assert_no_secrets(fs.cat_file(path).decode(), "warm start runs.jsonl")
     fs, path = storage.url_to_fs(f"{warm_start.output}/metrics.jsonl", warm_start.storage_options)
     with fs.open(path, "r") as f:
         assert_no_secrets(f.read(), "warm start metrics.jsonl")

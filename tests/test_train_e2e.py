@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from recap_app.config import load_config
 from recap_app.summary import summarize
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["training.log_every_n=5", "eval.every_n=0", "eval.num_batches=2"]
 
 
@@ -32,6 +35,18 @@ def _torchx_train(output: Path, cwd: Path, *overrides: str) -> str:
 
 def _metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def _readme_metrics_keys(tasks: list[str]) -> tuple[set[str], set[str]]:
+    """The keys of the README's two metrics.jsonl tables (training, eval), `<task>` expanded."""
+    section = (REPO / "README.md").read_text().split("## metrics.jsonl", 1)[1].split("\n## ", 1)[0]
+    tables = re.findall(r"\| key \| meaning \|\n\|---\|---\|\n((?:\|.*\n)+)", section)
+    assert len(tables) == 2, section
+    keys = []
+    for table in tables:
+        names = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
+        keys.append({n.replace("<task>", t) for n in names for t in tasks})
+    return keys[0], keys[1]
 
 
 def test_torchx_local_two_ranks_then_resume(tmp_path: Path) -> None:
@@ -57,6 +72,10 @@ def test_torchx_local_two_ranks_then_resume(tmp_path: Path) -> None:
     assert "at step 20" in log and "resumed from" in log
     records = _metrics(out)
     assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
+    tasks = sorted(load_config("local").model.tasks)
+    train_keys, eval_keys = _readme_metrics_keys(tasks)  # the README documents exactly these
+    assert [set(r) for r in records if "loss" in r] == [train_keys] * 6
+    assert [set(r) for r in records if "eval/loss" in r] == [eval_keys] * 2
     final_eval = [r for r in records if "eval/loss" in r]
     assert final_eval and final_eval[-1]["step"] == 30
     assert 0.0 <= final_eval[-1]["eval/auroc/recap.engagement.is_favorited"] <= 1.0
@@ -75,13 +94,16 @@ def test_single_process_without_torchrun(tmp_path: Path) -> None:
         tmp_path,
     )
     assert "rank 0/1" in log
+    assert log.index("recap train: output") < log.index("rank 0/1")  # said before torch's import
+    assert "train: 65536 examples" in log and "/data/train/part-00003.parquet: 16384 rows" in log  # progress
     assert (out / "checkpoints/step-10/.metadata").exists()
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [5, 10]
 
 
 def test_evaluate_scores_every_example_once_on_any_world_size(tmp_path: Path) -> None:
-    """`recap evaluate` without --num-batches: one pass over the whole eval set. Two ranks get unequal
-    shares (padded to equal batches for the sharded model) and report what one process reports."""
+    """`recap evaluate` without --num-batches: one pass over the whole eval set. Three ranks get unequal
+    shares (padded to equal batches for the sharded model) and report what one process reports. Training
+    on 3 ranks, whose global batch must divide, says so in one `recap: error:` line (rank 0's)."""
     out = tmp_path / "run"
     _run(
         [str(VENV_BIN / "recap"), "train", "--output", str(out), "training.num_train_steps=10", *FAST],
@@ -90,13 +112,22 @@ def test_evaluate_scores_every_example_once_on_any_world_size(tmp_path: Path) ->
     eval_url = out / "data" / "eval"
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in eval_url.rglob("*.parquet"))
     reports = {}
-    for nproc in (1, 2):
+    for nproc in (1, 3):  # 3 does not divide data.global_batch_size=256: each rank scores batches of 86
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         args = ["--checkpoint", str(out), "--data", str(eval_url), "--output", str(tmp_path / f"ev{nproc}")]
-        _run([*cmd, "-m", "recap_app.evaluate", *args, "data.global_batch_size=384"], tmp_path)
+        _run([*cmd, "-m", "recap_app.evaluate", *args], tmp_path)
         reports[nproc] = json.loads((tmp_path / f"ev{nproc}" / "eval_metrics.json").read_text())
-    one, two = reports[1], reports[2]
-    assert one["examples"] == two["examples"] == rows
+    one, three = reports[1], reports[3]
+    assert one["examples"] == three["examples"] == rows
     for key, value in one.items():
         if key.startswith(("auroc/", "rce/", "pos_rate/")) or key == "loss":
-            assert abs(two[key] - value) < 1e-4, (key, value, two[key])
+            assert abs(three[key] - value) < 1e-4, (key, value, three[key])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"]
+    env = {**os.environ, "LOGLEVEL": "WARNING"}
+    train3 = [*cmd, "-m", "recap_app.train", "--output", str(tmp_path / "x3"), "training.num_train_steps=2"]
+    proc = subprocess.run(train3, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("recap: error:")]
+    assert errors == ["recap: error: data.global_batch_size=256 must be divisible by the world size 3"], (
+        proc.stderr[-3000:]
+    )

@@ -4,23 +4,48 @@ Each is a typed function returning an AppDef; its docstring is the `--help`. The
 `-s local_cwd`, `-s slurm` and `-s kubernetes`: only the scheduler and its run options change.
 """
 
+import argparse
 import os
 import shlex
 import sys
 from typing import Dict, List, Optional, Tuple
 
-import torchx
 from torchx import specs
 from torchx.components.dist import _TORCH_DEBUG_FLAGS, parse_nnodes
-from torchx.specs import macros
+from torchx.specs import builders, file_linter, macros
 from torchx.specs.finder import ComponentValidationException
 
+from recap_app.errors import SubmitError
 
-def _python() -> str:
-    """Shell text for the interpreter: this one where it exists (local, Slurm on a shared filesystem),
-    else `python3` from the image's PATH (containers). Never relies on `torchrun` being on PATH."""
+
+def in_image(image: str) -> bool:
+    """Whether the job runs in a container image (kubernetes, local_docker, any scheduler given an
+    `--image`) rather than on this machine's checkout (local_cwd, slurm: no image, or local_dir's image,
+    a directory). The component cannot see the scheduler, so the image decides."""
+    return bool(image) and not os.path.isdir(image)
+
+
+def _python(image: str) -> str:
+    """Shell text for the interpreter. In an image: its `python3`, never a path of the submitting host.
+    On this machine: this interpreter where it exists (Slurm nodes sharing the filesystem), else
+    `python3`. Never relies on `torchrun` being on PATH."""
+    if in_image(image):
+        return "exec python3"
     here = shlex.quote(sys.executable)
     return f'PY={here}; [ -x "$PY" ] || PY=python3; exec "$PY"'
+
+
+class _HelpFormatter(file_linter.TorchXArgumentHelpFormatter):
+    """TorchX 0.7.0's component help marks a component's `*args` "(required)"; argparse can parse none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == argparse.REMAINDER:
+            return f"{action.help or ''} (optional)"
+        return super()._get_help_string(action)
+
+
+# TorchX builds every component's parser with this formatter (importing a component module installs it).
+builders.TorchXArgumentHelpFormatter = _HelpFormatter
 
 
 class _noquote(str):
@@ -29,6 +54,34 @@ class _noquote(str):
 
 def _shell_words(words: List[str]) -> str:
     return " ".join(w if isinstance(w, _noquote) else shlex.quote(w) for w in words)
+
+
+def _mount_points(mounts: Optional[List[str]]) -> List[str]:
+    parsed = specs.parse_mounts(mounts) if mounts else []
+    return [m.dst_path for m in parsed if isinstance(m, (specs.BindMount, specs.VolumeMount))]
+
+
+def _job_path(option: str, url: str, image: str, mounts: Optional[List[str]], *, output: bool) -> str:
+    """A path argument as the job must see it. On this machine: made absolute at submit time, so the job
+    writes where the user meant. In an image: a URL or an absolute path, passed as is; an output must
+    also be on a mounted volume, since the container's own filesystem vanishes with it."""
+    if not url or ("://" in url and not url.startswith("file://")):
+        return url
+    if not in_image(image):
+        return url if "://" in url else os.path.abspath(url)
+    path = url.removeprefix("file://")
+    mounted = os.path.isabs(path) and any(
+        os.path.commonpath([path, dst]) == dst for dst in map(os.path.normpath, _mount_points(mounts))
+    )
+    if mounted or (os.path.isabs(path) and not output):
+        return url
+    where = "a path on the submitting machine" if not os.path.isabs(path) else "not on a mounted volume"
+    why = "in the image it would be lost with the container" if output else "the image has no such path"
+    raise SubmitError(
+        f"--{option} {url} is {where}; {why}: pass an object-store URL (--{option} s3://bucket/runs/x, "
+        f"gs://, az://) or a path under a --mounts destination (--mounts type=volume,src=<claim>,dst=/data "
+        f"--{option} /data/runs/x)"
+    )
 
 
 def _refuse_secrets(overrides: List[str], env: Optional[Dict[str, str]], urls: List[str]) -> None:
@@ -86,18 +139,13 @@ def _check_shape(j: str, config: str, overrides: List[str]) -> None:
         )
 
 
-def _local_url(url: str) -> str:
-    """Make a local output path absolute at submit time so the job writes where the user meant."""
-    return url if "://" in url or not url else os.path.abspath(url)
-
-
 def torchrun_role(
     name: str,
     module: str,
     module_args: List[str],
     *,
     j: str,
-    image: str = torchx.IMAGE,
+    image: str = "",
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 8192,
@@ -147,7 +195,7 @@ def torchrun_role(
         min_replicas=min_nnodes,
         num_replicas=int(max_nnodes),
         entrypoint="bash",
-        args=["-c", f"{_python()} {_shell_words(torchrun + module_args)}"],
+        args=["-c", f"{_python(image)} {_shell_words(torchrun + module_args)}"],
         env=role_env,
         resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
         port_map={"c10d": rdzv_port},
@@ -161,7 +209,7 @@ def train(
     config: str = "local",
     output: str = "runs/recap",
     j: str = "1x2",
-    image: str = torchx.IMAGE,
+    image: str = "",
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 8192,
@@ -176,17 +224,20 @@ def train(
 
     Resumes from the newest complete checkpoint under OUTPUT/checkpoints. Config overrides go after
     `--`, e.g. `torchx run recap.train -j 2x4 --output s3://bucket/run -- training.num_train_steps=1000`.
+    Help: `--help` (`-h NAME` is TorchX's named-resource option, as in dist.ddp).
 
     Args:
-        overrides: dotted config overrides, e.g. training.num_train_steps=200 data.train_url=s3://b/train
+        overrides: dotted config overrides after `--`, e.g. -- training.num_train_steps=200
         config: packaged config name (local, production) or a YAML URL
-        output: run URL (local path, file://, s3://, gs://, az://) for checkpoints, embeddings, metrics
+        output: run URL (local path, file://, s3://, gs://, az://) for checkpoints, embeddings, metrics;
+            a relative path is made absolute on this machine
         j: {nnodes}x{nproc_per_node}; multi-node when nnodes > 1 (e.g. 2x4)
-        image: container image (kubernetes) or working dir (local); ignored by slurm
+        image: container image (kubernetes, local_docker); empty: this machine's interpreter and paths
+            (local_cwd, slurm). In an image the output must be a URL or under a --mounts destination
         cpu: CPUs per replica
         gpu: GPUs per replica (nproc_per_node must not exceed it on GPU hosts)
         memMB: memory per replica in MB
-        h: named resource (takes precedence over cpu, gpu, memMB)
+        h: named resource, `-h NAME` (takes precedence over cpu, gpu, memMB); help is `--help`
         env: extra environment, e.g. AWS_ENDPOINT_URL=http://...,LOGLEVEL=INFO (never put secrets here)
         max_retries: scheduler retries and torchrun restarts; each restart resumes from the last checkpoint
         rdzv_port: port on the rank-0 host for the c10d rendezvous (multi-node only)
@@ -195,7 +246,8 @@ def train(
     """
     _refuse_secrets(list(overrides), env, [config, output])
     _check_shape(j, config, list(overrides))
-    args = ["--config", config, "--output", _local_url(output), *overrides]
+    output = _job_path("output", output, image, mounts, output=True)
+    args = ["--config", config, "--output", output, *overrides]
     role = torchrun_role(
         "trainer", "recap_app.train", args, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
         env=env, max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, debug=debug,
@@ -210,7 +262,7 @@ def evaluate(
     output: str,
     config: str = "local",
     j: str = "1x2",
-    image: str = torchx.IMAGE,
+    image: str = "",
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 8192,
@@ -230,7 +282,8 @@ def evaluate(
         output: URL where eval_metrics.json is written
         config: packaged config name or YAML URL
         j: {nnodes}x{nproc_per_node}
-        image: container image (kubernetes) or working dir (local)
+        image: container image (kubernetes, local_docker); empty: this machine's interpreter and paths
+            (local_cwd, slurm). In an image the output must be a URL or under a --mounts destination
         cpu: CPUs per replica
         gpu: GPUs per replica
         memMB: memory per replica in MB
@@ -243,9 +296,12 @@ def evaluate(
     """
     _refuse_secrets(list(overrides), env, [config, checkpoint, data, output])
     _check_j(j)
+    checkpoint = _job_path("checkpoint", checkpoint, image, mounts, output=False)
+    data = _job_path("data", data, image, mounts, output=False)
+    output = _job_path("output", output, image, mounts, output=True)
     args = [
-        "--config", config, "--checkpoint", _local_url(checkpoint), "--data", _local_url(data),
-        "--output", _local_url(output), "--num-batches", str(num_batches), *overrides,
+        "--config", config, "--checkpoint", checkpoint, "--data", data, "--output", output,
+        "--num-batches", str(num_batches), *overrides,
     ]  # fmt: skip
     role = torchrun_role(
         "evaluator", "recap_app.evaluate", args, j=j, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,
@@ -262,7 +318,7 @@ def generate_data(
     num_eval_examples: int = 20_000,
     num_files: int = 4,
     seed: int = 0,
-    image: str = torchx.IMAGE,
+    image: str = "",
     cpu: int = 1,
     memMB: int = 4096,
     env: Optional[Dict[str, str]] = None,
@@ -278,7 +334,8 @@ def generate_data(
         num_eval_examples: evaluation examples
         num_files: Parquet files per split
         seed: generator seed (same seed, same data)
-        image: container image (kubernetes) or working dir (local)
+        image: container image (kubernetes, local_docker); empty: this machine's interpreter and paths
+            (local_cwd, slurm). In an image the output must be a URL or under a --mounts destination
         cpu: CPUs
         memMB: memory in MB
         env: extra environment
@@ -286,7 +343,8 @@ def generate_data(
     """
     _refuse_secrets(list(overrides), env, [config, output])
     args = [
-        "-m", "recap_app.cli", "generate-data", "--output", _local_url(output), "--config", config,
+        "-m", "recap_app.cli", "generate-data", "--output",
+        _job_path("output", output, image, mounts, output=True), "--config", config,
         "--num-examples", str(num_examples), "--num-eval-examples", str(num_eval_examples),
         "--num-files", str(num_files), "--seed", str(seed), *overrides,
     ]  # fmt: skip
@@ -294,7 +352,7 @@ def generate_data(
         name="generator",
         image=image,
         entrypoint="bash",
-        args=["-c", f"{_python()} {_shell_words(args)}"],
+        args=["-c", f"{_python(image)} {_shell_words(args)}"],
         env={"PYTHONUNBUFFERED": "1", **(env or {})},
         resource=specs.resource(cpu=cpu, gpu=0, memMB=memMB),
         mounts=specs.parse_mounts(mounts) if mounts else [],
