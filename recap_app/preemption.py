@@ -79,11 +79,17 @@ class StepCoordinator:
     # ------------------------------------------------------------------------------------ each step
     def should_stop(self, step: int) -> bool:
         """Called at the top of every step (`step` = steps completed) on every rank, in lockstep."""
-        if self.signal_name is not None and not self._proposed:
-            self._proposed = True
-            self.store.compare_set(_STOP_KEY, "", str(step + 2))
-        if self.stop_step is None and self.store.check([_STOP_KEY]):
-            self.stop_step = int(self.store.get(_STOP_KEY))
+        try:
+            if self.signal_name is not None and not self._proposed:
+                self._proposed = True
+                self.store.compare_set(_STOP_KEY, "", str(step + 2))
+            if self.stop_step is None and self.store.check([_STOP_KEY]):
+                self.stop_step = int(self.store.get(_STOP_KEY))
+        except dist.DistError as e:  # the store lives in rank 0's torchrun agent: that node is gone
+            raise FaultError(
+                f"step {step + 1}: the job's rendezvous store is unreachable (rank 0's node stopped?): "
+                f"{type(e).__name__}"
+            ) from None
         return self.stop_step is not None and step >= self.stop_step
 
     def seconds_since_signal(self) -> float:

@@ -258,3 +258,31 @@ def test_recap_sources_never_unpickle_unsafely():
             for chunk in text.split(call)[1:]:
                 assert needed in chunk.split(")")[0], (source.name, call)
         assert "pickle.load(" not in text and "pickle.loads(" not in text, source.name
+
+
+class _ByName:
+    """Pickles as `getattr(cls, name)`, as some Python 3.11 builds pickle enum members."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_enum_members_pickled_by_name_load_and_other_getattrs_are_refused():
+    """Inside the recap image, DCP's `.metadata` pickles `_MEM_FORMAT_ENCODING` members as
+    `getattr(_MEM_FORMAT_ENCODING, "TORCH_CONTIGUOUS_FORMAT")`: that loads; a getattr on anything but an
+    allowed Enum class is refused, nothing called."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, TensorProperties
+
+    from recap_app.safe_pickle import DCP_METADATA_GLOBALS, RefusedGlobalError, restricted_load
+
+    member = _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    data = pickle.dumps(_ByName(_MEM_FORMAT_ENCODING, member.name))
+    assert b"getattr" in data
+    assert restricted_load(data, DCP_METADATA_GLOBALS) is member
+    with pytest.raises(RefusedGlobalError):
+        restricted_load(pickle.dumps(_ByName(TensorProperties, "create_from_tensor")), DCP_METADATA_GLOBALS)
+    with pytest.raises(RefusedGlobalError):
+        restricted_load(pickle.dumps(_ByName(_MEM_FORMAT_ENCODING, "__class__")), DCP_METADATA_GLOBALS)
