@@ -272,9 +272,7 @@ class Trainer:
         saved_in = None
         if coordinator.seconds_since_signal() <= self.config.checkpoint.preemption_timeout_s:
             self.guard.check()
-            self.guard.check_state(
-                self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-            )
+            self._check_before_writing(self.step)
             start = time.perf_counter()
             self.checkpointer.save(self.step, last_step=True)
             saved_in = time.perf_counter() - start
@@ -308,12 +306,16 @@ class Trainer:
         if eval_now:
             self.last_eval = self.validate()
         if save_now or embed_now:
-            self.lease.check()
-            self.guard.check_state(
-                step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-            )
+            self._check_before_writing(step)
         self.checkpointer.save(step, last_step=last_step)
         self.embedding_logger.maybe_log(self.model, step, last_step)
+
+    def _check_before_writing(self, step: int) -> None:
+        """Collective, before a checkpoint or an embedding log: the output is still this run's, and nothing
+        about to be written holds NaN / inf."""
+        self.lease.check()
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        self.guard.check_state(step, state)
 
     def validate(self) -> dict[str, float]:
         self.pipeline.detach()  # the model is called directly; the next progress() re-attaches it
